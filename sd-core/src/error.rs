@@ -1,0 +1,133 @@
+//! The one error type of the core traits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed, shareable error from a backend (etcd, the in-memory store, a user's own).
+pub type BackendError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What the core traits return when something goes wrong.
+///
+/// It is `Clone` (errors travel inside [`Event`](crate::Event)s to every subscriber) and
+/// `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// ```
+/// use sd_core::Error;
+///
+/// let err = Error::invalid_argument("key must not be empty");
+/// assert!(matches!(err, Error::InvalidArgument(_)));
+/// assert_eq!(err.to_string(), "invalid argument: key must not be empty");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The balancer had nothing to pick from. `last_error` is the store error that emptied the
+    /// endpoint set, if there was one.
+    #[error("no endpoints available{}", match .last_error {
+        Some(e) => format!(" (last discovery error: {e})"),
+        None => String::from(": no instance is registered under the watched prefix"),
+    })]
+    NoEndpoints {
+        /// The most recent error reported by the instancer, if any.
+        last_error: Option<Arc<Error>>,
+    },
+    /// A caller passed a value that can never work (an empty key, a TTL too short, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(Arc<str>),
+    /// The instancer, registrar or endpointer was stopped.
+    #[error("stopped: this discovery component was stopped; create a new one")]
+    Stopped,
+    /// A factory could not turn an instance into an endpoint.
+    #[error("factory failed for instance {instance}: {source}")]
+    Factory {
+        /// The instance string the factory was given.
+        instance: Arc<str>,
+        /// Why it failed.
+        source: BackendError,
+    },
+    /// A store operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// An error of the backend (etcd, the in-memory store, ...).
+    #[error("backend error: {0}")]
+    Backend(BackendError),
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] with the given explanation.
+    ///
+    /// ```
+    /// let err = sd_core::Error::invalid_argument("max attempts must be at least 1");
+    /// assert!(err.to_string().contains("at least 1"));
+    /// ```
+    pub fn invalid_argument(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(Arc::from(msg.into()))
+    }
+
+    /// Wraps any backend error.
+    ///
+    /// ```
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    /// let err = sd_core::Error::backend(io);
+    /// assert_eq!(err.to_string(), "backend error: refused");
+    /// ```
+    pub fn backend<E>(err: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        Error::Backend(Arc::new(err))
+    }
+
+    /// A backend error made of a message alone.
+    ///
+    /// ```
+    /// let err = sd_core::Error::backend_msg("store unavailable");
+    /// assert_eq!(err.to_string(), "backend error: store unavailable");
+    /// ```
+    pub fn backend_msg(msg: impl Into<String>) -> Self {
+        Error::Backend(Arc::new(Message(msg.into())))
+    }
+
+    /// A factory error for `instance`.
+    ///
+    /// ```
+    /// let err = sd_core::Error::factory("10.0.0.1:80", std::io::Error::other("bad address"));
+    /// assert!(err.to_string().contains("10.0.0.1:80"));
+    /// ```
+    pub fn factory<E>(instance: impl AsRef<str>, source: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        Error::Factory {
+            instance: Arc::from(instance.as_ref()),
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// A plain message used as an error source.
+#[derive(Debug)]
+struct Message(String);
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_endpoints_names_the_cause() {
+        let plain = Error::NoEndpoints { last_error: None };
+        assert!(plain.to_string().contains("no instance is registered"));
+        let with = Error::NoEndpoints {
+            last_error: Some(Arc::new(Error::backend_msg("connection refused"))),
+        };
+        assert!(with.to_string().contains("connection refused"), "{with}");
+    }
+}

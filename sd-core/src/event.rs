@@ -1,0 +1,108 @@
+//! What an instancer tells its subscribers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+
+use crate::{Error, Instance};
+
+/// A stream of [`Event`]s, as returned by [`Instancer::subscribe`](crate::Instancer::subscribe).
+pub type EventStream = Pin<Box<dyn Stream<Item = Event> + Send + 'static>>;
+
+/// The state of a watched prefix: the full, sorted, deduplicated set of instances, or an error.
+///
+/// A subscriber never merges deltas: every `Instances` event is the whole truth at some point in
+/// time. Cheap to clone (both arms are `Arc`-backed).
+///
+/// ```
+/// use sd_core::{Event, Instance};
+///
+/// let ev = Event::from_instances(["b:1", "a:1", "b:1", ""]);
+/// assert_eq!(ev.instances().unwrap(), &[Instance::new("a:1"), Instance::new("b:1")]);
+/// ```
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The current set of instances (sorted, without duplicates or empty strings).
+    Instances(Arc<[Instance]>),
+    /// The store could not be read or watched; the set is unknown until the next `Instances`.
+    Error(Error),
+}
+
+impl Event {
+    /// Builds an `Instances` event from any strings: sorts, drops duplicates and empty strings.
+    pub fn from_instances<I, S>(instances: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<Instance>,
+    {
+        let mut v: Vec<Instance> = instances
+            .into_iter()
+            .map(Into::into)
+            .filter(|i| !i.is_empty())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        Event::Instances(v.into())
+    }
+
+    /// An `Instances` event with no instance.
+    pub fn empty() -> Self {
+        Event::Instances(Arc::from(Vec::new()))
+    }
+
+    /// The instances, or `None` for an error event.
+    pub fn instances(&self) -> Option<&[Instance]> {
+        match self {
+            Event::Instances(i) => Some(i),
+            Event::Error(_) => None,
+        }
+    }
+
+    /// The error, or `None` for an instances event.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            Event::Error(e) => Some(e),
+            Event::Instances(_) => None,
+        }
+    }
+}
+
+impl From<Error> for Event {
+    fn from(e: Error) -> Self {
+        Event::Error(e)
+    }
+}
+
+/// Two events are equal when they carry the same instances, or errors with the same message
+/// (publishers use this to avoid sending a subscriber the state it already has).
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Event::Instances(a), Event::Instances(b)) => a == b,
+            (Event::Error(a), Event::Error(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equality_is_by_content() {
+        assert_eq!(
+            Event::from_instances(["a", "b"]),
+            Event::from_instances(["b", "a"])
+        );
+        assert_ne!(
+            Event::from_instances(["a"]),
+            Event::from_instances(["a", "b"])
+        );
+        let e1 = Event::Error(Error::backend_msg("down"));
+        assert_eq!(e1, Event::Error(Error::backend_msg("down")));
+        assert_ne!(e1, Event::Error(Error::backend_msg("other")));
+        assert_ne!(e1, Event::empty());
+    }
+}

@@ -1,0 +1,36 @@
+//! Turning an instance string into a callable endpoint.
+
+use crate::{Error, Instance};
+
+/// Runs once when the endpoint it belongs to goes away (its instance left the set, or the
+/// endpointer was dropped): close connections here.
+pub type Closer = Box<dyn FnOnce() + Send + 'static>;
+
+/// Makes an endpoint `E` for an instance, plus an optional [`Closer`].
+///
+/// Any `Fn(&Instance) -> Result<(E, Option<Closer>), Error>` is a factory. It is synchronous:
+/// connect lazily (most clients do) rather than blocking here. A failing factory skips that
+/// instance (logged), and it is tried again on the next event that still lists it.
+///
+/// ```
+/// use sd_core::{Closer, Error, Factory, Instance};
+///
+/// let factory = |i: &Instance| -> Result<(String, Option<Closer>), Error> {
+///     Ok((format!("http://{i}/"), None))
+/// };
+/// let (url, _) = factory.make(&Instance::new("127.0.0.1:80")).unwrap();
+/// assert_eq!(url, "http://127.0.0.1:80/");
+/// ```
+pub trait Factory<E>: Send + Sync + 'static {
+    /// Makes the endpoint for `instance`.
+    fn make(&self, instance: &Instance) -> Result<(E, Option<Closer>), Error>;
+}
+
+impl<E, F> Factory<E> for F
+where
+    F: Fn(&Instance) -> Result<(E, Option<Closer>), Error> + Send + Sync + 'static,
+{
+    fn make(&self, instance: &Instance) -> Result<(E, Option<Closer>), Error> {
+        self(instance)
+    }
+}

@@ -1,0 +1,189 @@
+//! Watching a prefix of the store: the [`Instancer`] trait and the [`Publisher`] backends use.
+
+use std::sync::{Mutex, MutexGuard};
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::{Event, EventStream};
+
+/// Watches the instances of one service and tells subscribers the current set.
+///
+/// Implemented by every backend (`sd-etcd`, `sd-memory`, your own). Contract:
+/// - `subscribe()` returns a stream whose first item is the current state, at once;
+/// - delivery is latest-value: a slow subscriber sees the newest state when it next reads, never a
+///   queue of stale ones, and never delays the instancer or other subscribers;
+/// - `stop()` ends every stream; `subscribe()` after `stop()` returns a stream that ends at once.
+///
+/// Backends get all of that from [`Publisher`].
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{Event, Instancer, Publisher};
+///
+/// struct Static(Publisher);
+/// impl Instancer for Static {
+///     fn subscribe(&self) -> sd_core::EventStream { self.0.subscribe() }
+///     fn stop(&self) { self.0.stop() }
+/// }
+///
+/// # futures::executor::block_on(async {
+/// let inst = Static(Publisher::new(Event::from_instances(["a:1"])));
+/// let mut events = inst.subscribe();
+/// assert_eq!(events.next().await, Some(Event::from_instances(["a:1"])));
+/// inst.stop();
+/// assert_eq!(events.next().await, None);
+/// # });
+/// ```
+pub trait Instancer: Send + Sync {
+    /// A stream of the watched prefix's state, starting with the current one.
+    fn subscribe(&self) -> EventStream;
+
+    /// Stops watching and ends every subscriber's stream. Idempotent.
+    fn stop(&self);
+}
+
+impl<T: Instancer + ?Sized> Instancer for std::sync::Arc<T> {
+    fn subscribe(&self) -> EventStream {
+        (**self).subscribe()
+    }
+    fn stop(&self) {
+        (**self).stop()
+    }
+}
+
+impl<T: Instancer + ?Sized> Instancer for Box<T> {
+    fn subscribe(&self) -> EventStream {
+        (**self).subscribe()
+    }
+    fn stop(&self) {
+        (**self).stop()
+    }
+}
+
+/// The latest-value broadcast behind an [`Instancer`]: backends publish, subscribers read.
+///
+/// Built on `tokio::sync::watch`: publishing never waits for subscribers, each subscriber sees
+/// the newest event, and an event equal to the current one is not sent again.
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{Event, Publisher};
+///
+/// # futures::executor::block_on(async {
+/// let p = Publisher::new(Event::empty());
+/// let mut s = p.subscribe();
+/// assert!(p.publish(Event::from_instances(["a"])));
+/// assert!(!p.publish(Event::from_instances(["a"])), "equal events are not sent twice");
+/// assert_eq!(s.next().await, Some(Event::from_instances(["a"])));
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct Publisher {
+    tx: Mutex<Option<watch::Sender<Event>>>,
+}
+
+impl Publisher {
+    /// A publisher whose current state is `initial`.
+    pub fn new(initial: Event) -> Self {
+        Publisher {
+            tx: Mutex::new(Some(watch::Sender::new(initial))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<watch::Sender<Event>>> {
+        // The guarded value is only ever replaced whole, so a poisoned lock holds valid data.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `event` the current state. Returns whether it was sent: `false` when it equals the
+    /// current state or the publisher is stopped.
+    pub fn publish(&self, event: Event) -> bool {
+        match &*self.lock() {
+            Some(tx) => tx.send_if_modified(|cur| {
+                if *cur == event {
+                    false
+                } else {
+                    *cur = event;
+                    true
+                }
+            }),
+            None => false,
+        }
+    }
+
+    /// The current state, or `None` once stopped.
+    pub fn current(&self) -> Option<Event> {
+        self.lock().as_ref().map(|tx| tx.borrow().clone())
+    }
+
+    /// A stream that yields the current state at once, then every later state (latest-value).
+    /// After [`stop`](Self::stop) the stream is empty.
+    pub fn subscribe(&self) -> EventStream {
+        match &*self.lock() {
+            Some(tx) => stream_of(tx.subscribe()),
+            None => futures::stream::empty().boxed(),
+        }
+    }
+
+    /// Ends every subscriber's stream. Idempotent.
+    pub fn stop(&self) {
+        self.lock().take();
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.lock().is_none()
+    }
+}
+
+fn stream_of(rx: watch::Receiver<Event>) -> EventStream {
+    futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+        if !first {
+            rx.changed().await.ok()?;
+        }
+        let event = rx.borrow_and_update().clone();
+        Some((event, (rx, false)))
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn first_item_is_immediate_and_latest_value_wins() {
+        let p = Publisher::new(Event::from_instances(["a"]));
+        let mut s = p.subscribe();
+        assert_eq!(
+            s.next().now_or_never(),
+            Some(Some(Event::from_instances(["a"])))
+        );
+        assert!(
+            s.next().now_or_never().is_none(),
+            "no second item until something changes"
+        );
+        for i in 0..100 {
+            p.publish(Event::from_instances([format!("x{i}")]));
+        }
+        assert_eq!(s.next().await, Some(Event::from_instances(["x99"])));
+    }
+
+    #[tokio::test]
+    async fn stop_ends_streams_and_later_subscriptions() {
+        let p = Publisher::new(Event::empty());
+        let mut s = p.subscribe();
+        s.next().await;
+        p.stop();
+        assert_eq!(s.next().await, None);
+        assert!(
+            p.subscribe().next().await.is_none(),
+            "subscribe after stop ends at once"
+        );
+        assert!(!p.publish(Event::empty()));
+        assert!(p.is_stopped());
+        assert!(p.current().is_none());
+    }
+}

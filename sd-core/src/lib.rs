@@ -1,0 +1,60 @@
+//! # sd-core: service discovery that works on any backend
+//!
+//! The backend-agnostic heart of `sd`, after go-kit's `sd` package. A service *registers* itself
+//! in a store through a [`Registrar`]; clients *watch* a prefix through an [`Instancer`], turn
+//! each instance into an endpoint with a [`Factory`] inside an [`Endpointer`], and pick one with a
+//! [`Balancer`] (round robin, random, P2C and retry live in `sd-lb`).
+//!
+//! ```text
+//! Registrar ──▶ store ──▶ Instancer ──Event──▶ Endpointer ──▶ Balancer ──▶ Retry ──▶ call
+//! ```
+//!
+//! Backends (`sd-etcd`, `sd-memory`, your own) implement [`Instancer`] and [`Registrar`], usually
+//! with a [`Publisher`] for the subscriber side, and prove it with the conformance kit (feature
+//! `testkit`, module `testkit`).
+//!
+//! ```
+//! use sd_core::{Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event,
+//!               Instance, Instancer, Publisher};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A backend's instancer is usually a Publisher fed from the store.
+//! struct Static(Publisher);
+//! impl Instancer for Static {
+//!     fn subscribe(&self) -> sd_core::EventStream { self.0.subscribe() }
+//!     fn stop(&self) { self.0.stop() }
+//! }
+//! let instancer = Static(Publisher::new(Event::from_instances(["127.0.0.1:8080"])));
+//! let endpointer = DefaultEndpointer::new(
+//!     &instancer,
+//!     |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) },
+//!     EndpointerOptions::new(),
+//! )
+//! .await;
+//! assert_eq!(&*endpointer.endpoints().unwrap(), &["127.0.0.1:8080"]);
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod balancer;
+mod endpointer;
+mod error;
+mod event;
+mod factory;
+mod instance;
+mod instancer;
+mod registrar;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use balancer::Balancer;
+pub use endpointer::{DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Snapshot};
+pub use error::{BackendError, Error};
+pub use event::{Event, EventStream};
+pub use factory::{Closer, Factory};
+pub use instance::Instance;
+pub use instancer::{Instancer, Publisher};
+pub use registrar::{Registrar, RegistrationState, Service, TtlOption, MIN_HEARTBEAT};

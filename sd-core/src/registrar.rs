@@ -1,0 +1,199 @@
+//! Publishing a service instance: [`Service`], [`TtlOption`] and the [`Registrar`] trait.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::Error;
+
+/// The shortest heartbeat a [`TtlOption`] accepts.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How a registration is kept alive: the store forgets the key `ttl` after the last heartbeat,
+/// and the registrar sends one every `heartbeat`.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_core::TtlOption;
+///
+/// let ttl = TtlOption::new(Duration::from_secs(3), Duration::from_secs(10)).unwrap();
+/// assert_eq!(ttl.heartbeat(), Duration::from_secs(3));
+///
+/// // A heartbeat under 500 ms, or a TTL that would expire before the next heartbeat, is refused.
+/// assert!(TtlOption::new(Duration::from_millis(100), Duration::from_secs(1)).is_err());
+/// assert!(TtlOption::new(Duration::from_secs(3), Duration::from_secs(3)).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtlOption {
+    heartbeat: Duration,
+    ttl: Duration,
+}
+
+impl TtlOption {
+    /// Validates and builds the option: `heartbeat` at least [`MIN_HEARTBEAT`], `ttl` above it.
+    pub fn new(heartbeat: Duration, ttl: Duration) -> Result<Self, Error> {
+        if heartbeat < MIN_HEARTBEAT {
+            return Err(Error::invalid_argument(format!(
+                "heartbeat {heartbeat:?} is too short: use at least {MIN_HEARTBEAT:?}"
+            )));
+        }
+        if ttl <= heartbeat {
+            return Err(Error::invalid_argument(format!(
+                "ttl {ttl:?} must be longer than the heartbeat {heartbeat:?}, \
+                 or the key expires between two heartbeats (a ttl of 3 heartbeats is usual)"
+            )));
+        }
+        Ok(TtlOption { heartbeat, ttl })
+    }
+
+    /// How often the registrar refreshes the registration.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// How long the store keeps the key after the last heartbeat.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// A service instance to register: the store key, the instance string stored under it, and an
+/// optional TTL (without one, the key lives until it is deregistered).
+///
+/// The key is usually the watched prefix plus the instance, as go-kit lays it out:
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_core::{Service, TtlOption};
+///
+/// let svc = Service::new("/services/barsvc/10.0.0.7:8080", "10.0.0.7:8080")
+///     .unwrap()
+///     .with_ttl(TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).unwrap());
+/// assert!(svc.validate().is_ok());
+/// assert!(Service::new("", "x").is_err());
+/// assert!(Service::new("/k", "").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The store key.
+    pub key: String,
+    /// The instance string published under the key.
+    pub value: String,
+    /// Keep-alive settings; `None` registers a key that lives until deregistered.
+    pub ttl: Option<TtlOption>,
+}
+
+impl Service {
+    /// A service without a TTL; fails if `key` or `value` is empty.
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Result<Self, Error> {
+        let svc = Service {
+            key: key.into(),
+            value: value.into(),
+            ttl: None,
+        };
+        svc.validate()?;
+        Ok(svc)
+    }
+
+    /// The same service, kept alive with `ttl`.
+    pub fn with_ttl(mut self, ttl: TtlOption) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Checks what the fields, being public, may have been set to: a non-empty key and value.
+    /// Registrars call it before touching the store.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.key.is_empty() {
+            return Err(Error::invalid_argument(
+                "service key is empty: give the full store key, e.g. /services/foo/10.0.0.1:80",
+            ));
+        }
+        if self.value.is_empty() {
+            return Err(Error::invalid_argument(
+                "service value is empty: give the instance string, e.g. 10.0.0.1:80",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a registration stands, as seen by its registrar.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RegistrationState {
+    /// Not registered (never, or since `deregister()`).
+    Unregistered,
+    /// The key is in the store and, with a TTL, kept alive.
+    Registered,
+    /// The last attempt to (re)register or heartbeat failed; the registrar keeps trying.
+    Retrying(Error),
+}
+
+impl RegistrationState {
+    /// Whether the key is in the store and kept alive.
+    ///
+    /// ```
+    /// assert!(sd_core::RegistrationState::Registered.is_registered());
+    /// ```
+    pub fn is_registered(&self) -> bool {
+        matches!(self, RegistrationState::Registered)
+    }
+}
+
+/// Registers one [`Service`] in a store and keeps it there until deregistered.
+///
+/// Unlike go-kit's, failures are returned, and a backend that keeps a registration alive (TTL
+/// heartbeats) goes on retrying in the background, reporting through [`state`](Self::state).
+/// Both calls are idempotent. Dropping a registrar without `deregister()` stops its heartbeats:
+/// the key then expires at its TTL, as if the process had crashed.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use sd_core::{Error, Registrar, RegistrationState};
+///
+/// struct Noop;
+/// #[async_trait]
+/// impl Registrar for Noop {
+///     async fn register(&self) -> Result<(), Error> { Ok(()) }
+///     async fn deregister(&self) -> Result<(), Error> { Ok(()) }
+///     fn state(&self) -> RegistrationState { RegistrationState::Unregistered }
+/// }
+/// ```
+#[async_trait]
+pub trait Registrar: Send + Sync {
+    /// Puts the service in the store (and starts heart-beating it with a TTL).
+    async fn register(&self) -> Result<(), Error>;
+
+    /// Removes the service from the store and stops heart-beating.
+    async fn deregister(&self) -> Result<(), Error>;
+
+    /// The registration's current state.
+    fn state(&self) -> RegistrationState;
+}
+
+#[async_trait]
+impl<T: Registrar + ?Sized> Registrar for Box<T> {
+    async fn register(&self) -> Result<(), Error> {
+        (**self).register().await
+    }
+    async fn deregister(&self) -> Result<(), Error> {
+        (**self).deregister().await
+    }
+    fn state(&self) -> RegistrationState {
+        (**self).state()
+    }
+}
+
+#[async_trait]
+impl<T: Registrar + ?Sized> Registrar for std::sync::Arc<T> {
+    async fn register(&self) -> Result<(), Error> {
+        (**self).register().await
+    }
+    async fn deregister(&self) -> Result<(), Error> {
+        (**self).deregister().await
+    }
+    fn state(&self) -> RegistrationState {
+        (**self).state()
+    }
+}
