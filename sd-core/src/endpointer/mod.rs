@@ -19,7 +19,7 @@ use crate::{Error, Instance};
 ///
 /// let e = FixedEndpointer::new(vec!["a", "b"]);
 /// let snap = e.snapshot();
-/// assert_eq!(&*snap.endpoints(), &["a", "b"]);
+/// assert_eq!(&snap.endpoints()[..], &["a", "b"]);
 /// assert!(snap.error().is_none());
 /// ```
 #[derive(Debug)]

@@ -1,0 +1,77 @@
+//! Watching a prefix of a [`MemoryStore`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use sd_core::{Error, EventStream, Instancer};
+
+use crate::store::{MemoryStore, Watcher};
+
+/// An [`Instancer`] over a prefix of a [`MemoryStore`]: every change under the prefix is
+/// published to subscribers at once.
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{Event, Instancer};
+/// use sd_memory::{MemoryInstancer, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MemoryStore::new();
+/// store.put("/svc/a/1", "127.0.0.1:1").unwrap();
+/// let instancer = MemoryInstancer::new(&store, "/svc/a/").unwrap();
+/// let mut events = instancer.subscribe();
+/// assert_eq!(events.next().await, Some(Event::from_instances(["127.0.0.1:1"])));
+/// assert!(MemoryInstancer::new(&store, "/svc/a").is_err(), "a prefix must end in /");
+/// # }
+/// ```
+pub struct MemoryInstancer {
+    watcher: Arc<Watcher>,
+}
+
+impl fmt::Debug for MemoryInstancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryInstancer")
+            .field("prefix", &self.watcher.prefix)
+            .field("current", &self.watcher.publisher.current())
+            .finish()
+    }
+}
+
+impl MemoryInstancer {
+    /// Watches `prefix`, which must end in `/` (so `/svc/a/` never sees `/svc/ab/...`).
+    /// Fails if the store is unavailable or a failure was injected.
+    pub fn new(store: &MemoryStore, prefix: &str) -> Result<Self, Error> {
+        if !prefix.ends_with('/') {
+            return Err(Error::invalid_argument(format!(
+                "prefix {prefix:?} must end in '/', or it would also match longer names \
+                 (use {:?})",
+                format!("{prefix}/")
+            )));
+        }
+        Ok(MemoryInstancer {
+            watcher: store.watch(prefix)?,
+        })
+    }
+
+    /// The watched prefix.
+    pub fn prefix(&self) -> &str {
+        &self.watcher.prefix
+    }
+}
+
+impl Instancer for MemoryInstancer {
+    fn subscribe(&self) -> EventStream {
+        self.watcher.publisher.subscribe()
+    }
+
+    fn stop(&self) {
+        self.watcher.publisher.stop();
+    }
+}
+
+impl Drop for MemoryInstancer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,200 @@
+//! Registering a service in a [`MemoryStore`].
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use sd_core::{Error, Registrar, RegistrationState, Service, TtlOption};
+use tokio::task::JoinHandle;
+use tokio::time::{interval, MissedTickBehavior};
+
+use crate::store::{is_lease_not_found, LeaseId, MemoryStore};
+
+/// A [`Registrar`] for a [`MemoryStore`], with etcd's behaviour: with a TTL it grants a lease,
+/// puts the key on it and keeps it alive every heartbeat, re-granting and re-putting if the lease
+/// was lost (e.g. the store was down for longer than the TTL).
+///
+/// Dropping it without [`deregister`](Registrar::deregister) stops the heartbeats but leaves the
+/// key, which then expires at its TTL: what a crashed process does.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_core::{Registrar, Service, TtlOption};
+/// use sd_memory::{MemoryRegistrar, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), sd_core::Error> {
+/// let store = MemoryStore::new();
+/// let ttl = TtlOption::new(Duration::from_secs(1), Duration::from_secs(3))?;
+/// let svc = Service::new("/services/bar/127.0.0.1:80", "127.0.0.1:80")?.with_ttl(ttl);
+/// let registrar = MemoryRegistrar::new(&store, svc)?;
+/// registrar.register().await?;
+/// assert_eq!(store.get_prefix("/services/bar/")?.len(), 1);
+/// registrar.deregister().await?;
+/// assert!(store.get_prefix("/services/bar/")?.is_empty());
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemoryRegistrar {
+    store: MemoryStore,
+    service: Service,
+    inner: Arc<Mutex<RegState>>,
+}
+
+impl fmt::Debug for MemoryRegistrar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryRegistrar")
+            .field("service", &self.service)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+struct RegState {
+    state: RegistrationState,
+    lease: Option<LeaseId>,
+    heartbeat: Option<JoinHandle<()>>,
+    registered: bool,
+}
+
+fn lock(m: &Mutex<RegState>) -> MutexGuard<'_, RegState> {
+    // Every critical section leaves the state whole, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemoryRegistrar {
+    /// A registrar for `service` (checked: non-empty key and value). Nothing is written until
+    /// [`register`](Registrar::register).
+    pub fn new(store: &MemoryStore, service: Service) -> Result<Self, Error> {
+        service.validate()?;
+        Ok(MemoryRegistrar {
+            store: store.clone(),
+            service,
+            inner: Arc::new(Mutex::new(RegState {
+                state: RegistrationState::Unregistered,
+                lease: None,
+                heartbeat: None,
+                registered: false,
+            })),
+        })
+    }
+
+    /// The service this registrar registers.
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+}
+
+/// Grants a lease and puts the key on it.
+fn put_leased(store: &MemoryStore, service: &Service, ttl: TtlOption) -> Result<LeaseId, Error> {
+    let lease = store.grant(ttl.ttl())?;
+    if let Err(e) = store.put_with_lease(&service.key, &service.value, Some(lease)) {
+        // Best effort: an orphaned lease would expire on its own anyway.
+        let _ = store.revoke(lease);
+        return Err(e);
+    }
+    Ok(lease)
+}
+
+async fn heartbeat(
+    store: MemoryStore,
+    service: Service,
+    ttl: TtlOption,
+    inner: Arc<Mutex<RegState>>,
+) {
+    let mut ticks = interval(ttl.heartbeat());
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(lease) = lock(&inner).lease else {
+            return;
+        };
+        let result = match store.keep_alive(lease) {
+            Err(e) if is_lease_not_found(&e) => {
+                tracing::warn!(key = %service.key, "lease lost: registering again");
+                put_leased(&store, &service, ttl).map(|new| {
+                    lock(&inner).lease = Some(new);
+                })
+            }
+            other => other,
+        };
+        let mut st = lock(&inner);
+        match result {
+            Ok(()) => st.state = RegistrationState::Registered,
+            Err(e) => {
+                tracing::warn!(key = %service.key, error = %e, "heartbeat failed; retrying");
+                st.state = RegistrationState::Retrying(e);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Registrar for MemoryRegistrar {
+    async fn register(&self) -> Result<(), Error> {
+        if lock(&self.inner).registered {
+            return Ok(());
+        }
+        let lease = match self.service.ttl {
+            None => {
+                self.store.put(&self.service.key, &self.service.value)?;
+                None
+            }
+            Some(ttl) => Some(put_leased(&self.store, &self.service, ttl)?),
+        };
+        let mut st = lock(&self.inner);
+        st.lease = lease;
+        st.registered = true;
+        st.state = RegistrationState::Registered;
+        if let Some(ttl) = self.service.ttl {
+            st.heartbeat = Some(tokio::spawn(heartbeat(
+                self.store.clone(),
+                self.service.clone(),
+                ttl,
+                self.inner.clone(),
+            )));
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self) -> Result<(), Error> {
+        let lease = {
+            let mut st = lock(&self.inner);
+            if !st.registered {
+                return Ok(());
+            }
+            if let Some(task) = st.heartbeat.take() {
+                task.abort();
+            }
+            st.lease
+        };
+        match lease {
+            Some(lease) => {
+                self.store.delete_if_lease(&self.service.key, lease)?;
+                self.store.revoke(lease)?;
+            }
+            None => {
+                self.store
+                    .delete_if_value(&self.service.key, &self.service.value)?;
+            }
+        }
+        let mut st = lock(&self.inner);
+        st.lease = None;
+        st.registered = false;
+        st.state = RegistrationState::Unregistered;
+        Ok(())
+    }
+
+    fn state(&self) -> RegistrationState {
+        lock(&self.inner).state.clone()
+    }
+}
+
+impl Drop for MemoryRegistrar {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.inner).heartbeat.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Fault injection and TTL behaviour of the in-memory backend, on paused tokio time.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use sd_core::{Event, Instancer, Registrar, RegistrationState, Service, TtlOption};
+use sd_memory::{MemoryInstancer, MemoryRegistrar, MemoryStore};
+use tokio::time::sleep;
+
+fn leased(key: &str, value: &str) -> Service {
+    let ttl = TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).expect("valid ttl");
+    Service::new(key, value)
+        .expect("valid service")
+        .with_ttl(ttl)
+}
+
+#[tokio::test(start_paused = true)]
+async fn registration_survives_an_outage_longer_than_its_ttl() {
+    let store = MemoryStore::new();
+    let reg = MemoryRegistrar::new(&store, leased("/svc/a/1", "127.0.0.1:1")).unwrap();
+    reg.register().await.unwrap();
+    let inst = MemoryInstancer::new(&store, "/svc/a/").unwrap();
+    let mut events = inst.subscribe();
+    assert_eq!(
+        events.next().await,
+        Some(Event::from_instances(["127.0.0.1:1"]))
+    );
+
+    store.set_available(false);
+    assert!(events.next().await.unwrap().error().is_some());
+    sleep(Duration::from_secs(5)).await;
+    assert!(
+        matches!(reg.state(), RegistrationState::Retrying(_)),
+        "heartbeats fail while the store is down: {:?}",
+        reg.state()
+    );
+    store.set_available(true);
+    // The lease expired during the outage: the next heartbeat re-grants and re-puts.
+    sleep(Duration::from_millis(1100)).await;
+    assert!(reg.state().is_registered(), "state: {:?}", reg.state());
+    assert_eq!(
+        inst.subscribe().next().await,
+        Some(Event::from_instances(["127.0.0.1:1"]))
+    );
+    assert_eq!(store.get_prefix("/svc/a/").unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn crashed_registrar_expires_at_its_ttl_not_before() {
+    let store = MemoryStore::new();
+    let reg = MemoryRegistrar::new(&store, leased("/svc/a/1", "127.0.0.1:1")).unwrap();
+    reg.register().await.unwrap();
+    // The last heartbeat before the crash is at t = 10 s, so the key expires at t = 13 s.
+    sleep(Duration::from_millis(10_500)).await;
+    assert_eq!(
+        store.get_prefix("/svc/").unwrap().len(),
+        1,
+        "heartbeats keep it"
+    );
+    drop(reg);
+    sleep(Duration::from_millis(2_400)).await;
+    assert_eq!(
+        store.get_prefix("/svc/").unwrap().len(),
+        1,
+        "not before the TTL"
+    );
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        store.get_prefix("/svc/").unwrap().is_empty(),
+        "gone after the TTL"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn break_watches_gives_an_error_then_the_recovered_set() {
+    let store = MemoryStore::new();
+    store.put("/svc/a/1", "127.0.0.1:1").unwrap();
+    let inst = MemoryInstancer::new(&store, "/svc/a/").unwrap();
+    let mut events = inst.subscribe();
+    events.next().await;
+    store.break_watches();
+    assert!(events.next().await.unwrap().error().is_some());
+    store.put("/svc/a/2", "127.0.0.1:2").unwrap();
+    assert_eq!(
+        events.next().await,
+        Some(Event::from_instances(["127.0.0.1:1", "127.0.0.1:2"]))
+    );
+}
+
+#[tokio::test]
+async fn fail_next_fails_exactly_n_operations() {
+    let store = MemoryStore::new();
+    store.fail_next(2);
+    let reg = MemoryRegistrar::new(&store, leased("/svc/a/1", "127.0.0.1:1")).unwrap();
+    let err = reg.register().await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert!(MemoryInstancer::new(&store, "/svc/a/").is_err());
+    reg.register().await.unwrap();
+    assert!(reg.state().is_registered());
+    assert!(reg.register().await.is_ok(), "register() is idempotent");
+    assert_eq!(store.get_prefix("/svc/a/").unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_services_are_refused() {
+    let store = MemoryStore::new();
+    let empty_key = Service {
+        key: String::new(),
+        value: "x".into(),
+        ttl: None,
+    };
+    assert!(MemoryRegistrar::new(&store, empty_key).is_err());
+    assert!(TtlOption::new(Duration::from_millis(499), Duration::from_secs(5)).is_err());
+}
