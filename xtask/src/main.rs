@@ -1,1 +1,153 @@
-fn main() {}
+//! Developer tasks for the sd workspace: `cargo xtask <task>`.
+//!
+//! - `ci`: what CI runs: formatting check, clippy with `-D warnings`, every test of the workspace
+//!   (etcd integration tests included: `etcd` must be on `PATH`; as root it is installed with
+//!   apt-get when missing).
+//! - `bench`: the criterion benchmarks.
+//! - `etcd [--nodes N]`: a local etcd on loopback for trying the examples, until Ctrl-C.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(&args[1..]),
+        Some("etcd") => etcd(&args[1..]),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            usage();
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown task {other:?}; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() {
+    println!(
+        "usage: cargo xtask <task>\n\n\
+         tasks:\n  \
+         ci                 fmt check, clippy -D warnings, all tests (installs etcd as root if missing)\n  \
+         bench [ARGS]       cargo bench --workspace [ARGS]\n  \
+         etcd [--nodes N]   run a local etcd (1 or 3 nodes) on 127.0.0.1 until Ctrl-C"
+    );
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(mut cmd: Command) -> Result<(), String> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+fn on_path(bin: &str) -> bool {
+    env::var_os("PATH")
+        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+/// The etcd integration tests need `etcd`; install Debian's package when we can.
+fn ensure_etcd() -> Result<(), String> {
+    if on_path("etcd") && on_path("etcdctl") {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root || !on_path("apt-get") {
+        return Err(
+            "etcd is not on PATH: install it (Debian: apt-get install etcd-server \
+                    etcd-client) and run again; the etcd integration tests need it"
+                .into(),
+        );
+    }
+    eprintln!("xtask: etcd not found, installing etcd-server and etcd-client with apt-get");
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-qq"]);
+    run(update)?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "-qq", "etcd-server", "etcd-client"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(install)?;
+    if on_path("etcd") {
+        Ok(())
+    } else {
+        Err("apt-get installed etcd-server but etcd is still not on PATH".into())
+    }
+}
+
+fn ci() -> Result<(), String> {
+    ensure_etcd()?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy)?;
+    let mut test = cargo();
+    // Benchmarks are built (to keep them compiling) by clippy above, not run here.
+    test.args(["test", "--workspace", "--all-features"])
+        .env("SD_REQUIRE_ETCD", "1");
+    run(test)?;
+    Ok(())
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "--workspace"]).args(extra);
+    run(cmd)
+}
+
+fn etcd(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "sd-etcd",
+        "--features",
+        "testing",
+        "--example",
+        "local-etcd",
+        "--",
+    ])
+    .args(extra);
+    run(cmd)
+}
