@@ -1,0 +1,243 @@
+//! The error type of the etcd backend.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What can go wrong talking to etcd.
+///
+/// `#[non_exhaustive]`: match it with a wildcard arm. It converts into [`sd_core::Error`] (what
+/// the core traits return): argument errors become `InvalidArgument`, everything else `Backend`.
+///
+/// ```
+/// let err = sd_etcd::Error::NoKey;
+/// assert!(err.to_string().contains("key"));
+/// let core: sd_core::Error = err.into();
+/// assert!(matches!(core, sd_core::Error::InvalidArgument(_)));
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service key is empty.
+    #[error("service key is empty: give the full etcd key, e.g. /services/foo/10.0.0.1:80")]
+    NoKey,
+    /// The service value (the instance string) is empty.
+    #[error("service value is empty: give the instance string, e.g. 10.0.0.1:80")]
+    NoValue,
+    /// A TTL that etcd cannot honour.
+    #[error("invalid TTL: {0}")]
+    InvalidTtl(String),
+    /// A watched prefix that does not end in `/`.
+    #[error(
+        "invalid prefix {0:?}: a prefix must end in '/' (or /svc/a would also see /svc/ab/...)"
+    )]
+    InvalidPrefix(String),
+    /// Options that can never work (no endpoint, TLS with `http://` endpoints, ...).
+    #[error("invalid client options: {0}")]
+    InvalidOptions(String),
+    /// A certificate or key (file or in-memory PEM) could not be used.
+    #[error("{}: {reason}", match .path {
+        Some(p) => format!("{what} file {}", p.display()),
+        None => format!("{what} (in-memory PEM)"),
+    })]
+    Certificate {
+        /// What the PEM was supposed to hold ("CA certificate", "client key", ...).
+        what: &'static str,
+        /// The file it was read from, if any.
+        path: Option<PathBuf>,
+        /// Why it is unusable, and what to do.
+        reason: String,
+    },
+    /// No endpoint answered within the dial timeout.
+    #[error("could not connect to etcd at {} within {timeout:?}: {reason}", .endpoints.join(", "))]
+    Connect {
+        /// The endpoints that were tried.
+        endpoints: Vec<String>,
+        /// The dial timeout.
+        timeout: Duration,
+        /// What went wrong, per endpoint, with a hint.
+        reason: String,
+    },
+    /// etcd refused the username or password, or the user lacks a permission.
+    #[error("etcd authentication failed: {0} (check the username and password in ClientOptions::with_user, and the user's roles)")]
+    Auth(String),
+    /// The key was put on a lease etcd no longer knows (it expired or was revoked).
+    #[error("lease {0:x} not found: it expired or was revoked; a new one must be granted")]
+    LeaseNotFound(i64),
+    /// An etcd call did not answer within the request timeout.
+    #[error("etcd {op} timed out after {after:?} (is etcd overloaded, or is the node hung?)")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// etcd (or the connection to it) failed an operation.
+    #[error("etcd {op} failed: {source}")]
+    Etcd {
+        /// The operation.
+        op: &'static str,
+        /// The error of the etcd client.
+        source: Arc<etcd_client::Error>,
+    },
+    /// A watch stream broke, was canceled by etcd or stopped answering.
+    #[error("etcd watch failed: {0}")]
+    Watch(String),
+    /// The component was stopped.
+    #[error("stopped: this component was stopped; create a new one")]
+    Stopped,
+}
+
+impl Error {
+    pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> Self {
+        Error::Etcd {
+            op,
+            source: Arc::new(source),
+        }
+    }
+
+    /// Whether trying again (possibly on another endpoint) may succeed: unavailable or hung
+    /// nodes, transport errors, leader changes and timeouts.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert!(sd_etcd::Error::Timeout { op: "get", after: Duration::from_secs(5) }.is_retryable());
+    /// assert!(!sd_etcd::Error::NoKey.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Watch(_) => true,
+            Error::Etcd { source, .. } => is_retryable_etcd(source),
+            _ => false,
+        }
+    }
+}
+
+/// Classifies etcd-client errors: transport trouble and leader changes are worth a retry.
+pub(crate) fn is_retryable_etcd(e: &etcd_client::Error) -> bool {
+    use tonic_code::*;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::WatchError(_) => true,
+        etcd_client::Error::LeaseKeepAliveError(m) => !m.contains("lease not found"),
+        etcd_client::Error::GRpcStatus(s) => {
+            let msg = s.message();
+            match s.code() as i32 {
+                UNAVAILABLE | DEADLINE_EXCEEDED | CANCELLED => true,
+                UNKNOWN => {
+                    // Transport and h2 errors surface as Unknown; so do some etcd server errors.
+                    !msg.contains("etcdserver: ") || retryable_server_message(msg)
+                }
+                _ => retryable_server_message(msg),
+            }
+        }
+        _ => false,
+    }
+}
+
+fn retryable_server_message(msg: &str) -> bool {
+    [
+        "leader changed",
+        "no leader",
+        "request timed out",
+        "not capable",
+        "too many requests",
+        "transport",
+        "connection",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
+}
+
+/// Whether etcd said a lease does not exist.
+pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        // etcd-client's own answer to a keep-alive response with TTL 0.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// Whether etcd refused our credentials or token.
+pub(crate) fn is_auth(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() as i32 == tonic_code::UNAUTHENTICATED
+                || s.code() as i32 == tonic_code::PERMISSION_DENIED
+                || s.message().contains("authentication failed")
+                || s.message().contains("invalid auth token")
+                || s.message().contains("user name is empty")
+                || s.message().contains("permission denied")
+        }
+        _ => false,
+    }
+}
+
+/// The gRPC status codes we look at (`tonic::Code` discriminants; etcd-client does not
+/// re-export tonic).
+mod tonic_code {
+    pub const CANCELLED: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const DEADLINE_EXCEEDED: i32 = 4;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAVAILABLE: i32 = 14;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
+
+impl From<Error> for sd_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::NoKey
+            | Error::NoValue
+            | Error::InvalidTtl(_)
+            | Error::InvalidPrefix(_)
+            | Error::InvalidOptions(_) => sd_core::Error::invalid_argument(e.to_string()),
+            Error::Stopped => sd_core::Error::Stopped,
+            other => sd_core::Error::Backend(Arc::new(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_error_names_endpoints() {
+        let e = Error::Connect {
+            endpoints: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            timeout: Duration::from_secs(3),
+            reason: "connection refused".into(),
+        };
+        let s = e.to_string();
+        assert!(s.contains("http://127.0.0.1:1, http://127.0.0.1:2"), "{s}");
+        assert!(s.contains("3s"), "{s}");
+    }
+
+    #[test]
+    fn certificate_error_names_the_file() {
+        let e = Error::Certificate {
+            what: "CA certificate",
+            path: Some("/nope/ca.pem".into()),
+            reason: "no such file".into(),
+        };
+        assert!(e.to_string().contains("/nope/ca.pem"));
+    }
+
+    #[test]
+    fn conversion_to_core() {
+        assert!(matches!(
+            sd_core::Error::from(Error::InvalidPrefix("/a".into())),
+            sd_core::Error::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            sd_core::Error::from(Error::Stopped),
+            sd_core::Error::Stopped
+        ));
+        assert!(matches!(
+            sd_core::Error::from(Error::Watch("x".into())),
+            sd_core::Error::Backend(_)
+        ));
+    }
+}

@@ -1,0 +1,561 @@
+//! [`EtcdRegistrar`]: one service's key in etcd, kept alive by a lease of its own.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sd_core::{RegistrationState, Service};
+use tokio::task::JoinHandle;
+
+use crate::{Client, Error, EtcdClient};
+
+/// Registers a [`Service`] in etcd (go-kit's `etcdv3.Registrar`).
+///
+/// Without a TTL it is a plain put (and delete on deregister). With a TTL it grants a lease of
+/// its own (TTL rounded *up* to whole seconds, as etcd counts them), puts the key on it, and
+/// refreshes the lease every heartbeat in a background task, each round bounded by the
+/// heartbeat. When etcd says the lease is gone (expired while the registrar was cut off, or
+/// revoked), it grants a new one and puts the key again, retrying with a backoff capped at the
+/// heartbeat; [`state`](sd_core::Registrar::state) reports `Retrying(error)` meanwhile.
+///
+/// `register()` returns the error of its first attempt (an empty key or value, etcd
+/// unreachable, ...) and then leaves nothing running: call it again. Once registered, failures
+/// are retried in the background and reported through `state()`.
+///
+/// [`deregister`](sd_core::Registrar::deregister) deletes the key only if it still carries this
+/// registrar's lease (another process may have taken it over), then revokes the lease. Dropping
+/// the registrar stops the heartbeat and revokes the lease in the background (best effort,
+/// unless [`with_revoke_on_drop(false)`](Self::with_revoke_on_drop)); [`abandon`](Self::abandon)
+/// stops heart-beating without revoking, as a crashed process would.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use sd_core::{Registrar, Service, TtlOption};
+/// use sd_etcd::{ClientOptions, EtcdClient, EtcdRegistrar};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = EtcdClient::connect(["http://127.0.0.1:2379"], ClientOptions::new()).await?;
+/// let ttl = TtlOption::new(Duration::from_secs(1), Duration::from_secs(3))?;
+/// let svc = Service::new("/services/foo/10.0.0.1:80", "10.0.0.1:80")?.with_ttl(ttl);
+/// let registrar = EtcdRegistrar::new(client, svc);
+/// registrar.register().await?;
+/// assert!(registrar.state().is_registered());
+/// registrar.deregister().await?;
+/// # Ok(()) }
+/// ```
+pub struct EtcdRegistrar<C: Client = EtcdClient> {
+    shared: Arc<Shared<C>>,
+    /// Serialises `register` and `deregister`.
+    op: tokio::sync::Mutex<()>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    revoke_on_drop: bool,
+}
+
+struct Shared<C> {
+    client: C,
+    service: Service,
+    state: Mutex<RegistrationState>,
+    /// Whether the key was put (and not yet deleted) by this registrar.
+    registered: Mutex<bool>,
+    /// The lease the key is on, with a TTL.
+    lease: Mutex<Option<i64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Values behind these locks are replaced whole, so a poisoned lock still holds valid data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<C: Client> Shared<C> {
+    fn set_state(&self, s: RegistrationState) {
+        *lock(&self.state) = s;
+    }
+    fn lease(&self) -> Option<i64> {
+        *lock(&self.lease)
+    }
+}
+
+impl<C: Client> fmt::Debug for EtcdRegistrar<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdRegistrar")
+            .field("service", &self.shared.service)
+            .field("state", &*lock(&self.shared.state))
+            .field("lease", &self.shared.lease())
+            .finish()
+    }
+}
+
+/// The TTL in whole seconds, rounded up.
+fn ttl_secs(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+}
+
+impl<C: Client> EtcdRegistrar<C> {
+    /// A registrar for `service` (not yet registered: call `register()`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: sd_etcd::EtcdClient) -> Result<(), sd_core::Error> {
+    /// let svc = sd_core::Service::new("/services/foo/a:1", "a:1")?;
+    /// let registrar = sd_etcd::EtcdRegistrar::new(client, svc);
+    /// # let _ = registrar; Ok(()) }
+    /// ```
+    pub fn new(client: C, service: Service) -> Self {
+        EtcdRegistrar {
+            shared: Arc::new(Shared {
+                client,
+                service,
+                state: Mutex::new(RegistrationState::Unregistered),
+                registered: Mutex::new(false),
+                lease: Mutex::new(None),
+            }),
+            op: tokio::sync::Mutex::new(()),
+            task: Mutex::new(None),
+            revoke_on_drop: true,
+        }
+    }
+
+    /// Whether dropping the registrar revokes its lease (default `true`). With `false`, a
+    /// dropped registrar's key lives until its TTL runs out, like a crashed process's.
+    ///
+    /// ```no_run
+    /// # async fn run(client: sd_etcd::EtcdClient, svc: sd_core::Service) {
+    /// let registrar = sd_etcd::EtcdRegistrar::new(client, svc).with_revoke_on_drop(false);
+    /// # let _ = registrar; }
+    /// ```
+    pub fn with_revoke_on_drop(mut self, revoke: bool) -> Self {
+        self.revoke_on_drop = revoke;
+        self
+    }
+
+    /// The service this registrar publishes.
+    ///
+    /// ```no_run
+    /// # fn f(r: &sd_etcd::EtcdRegistrar) {
+    /// println!("{}", r.service().key);
+    /// # }
+    /// ```
+    pub fn service(&self) -> &Service {
+        &self.shared.service
+    }
+
+    /// The lease the key is on (with a TTL, once registered).
+    ///
+    /// ```no_run
+    /// # fn f(r: &sd_etcd::EtcdRegistrar) {
+    /// if let Some(lease) = r.lease() { println!("lease {lease:x}"); }
+    /// # }
+    /// ```
+    pub fn lease(&self) -> Option<i64> {
+        self.shared.lease()
+    }
+
+    /// Stops heart-beating without deleting the key or revoking the lease, as a crashed process
+    /// would: the key expires at its TTL.
+    ///
+    /// ```no_run
+    /// # fn f(r: sd_etcd::EtcdRegistrar) {
+    /// r.abandon();
+    /// # }
+    /// ```
+    pub fn abandon(mut self) {
+        self.revoke_on_drop = false;
+        self.stop_task();
+    }
+
+    fn stop_task(&self) -> Option<JoinHandle<()>> {
+        let task = lock(&self.task).take();
+        if let Some(t) = &task {
+            t.abort();
+        }
+        task
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let svc = &self.shared.service;
+        if svc.key.is_empty() {
+            return Err(Error::NoKey);
+        }
+        if svc.value.is_empty() {
+            return Err(Error::NoValue);
+        }
+        Ok(())
+    }
+
+    async fn do_register(&self) -> Result<(), Error> {
+        self.check()?;
+        let _op = self.op.lock().await;
+        let shared = &self.shared;
+        if *lock(&shared.registered) {
+            return Ok(());
+        }
+        let svc = &shared.service;
+        match svc.ttl {
+            None => {
+                shared.client.put(&svc.key, &svc.value, None).await?;
+            }
+            Some(ttl) => {
+                let secs = ttl_secs(ttl.ttl());
+                let lease = grant_and_put(shared, secs, ttl.heartbeat()).await?;
+                *lock(&shared.lease) = Some(lease);
+                let task = tokio::spawn(heartbeat(shared.clone(), ttl.heartbeat(), secs));
+                if let Some(old) = lock(&self.task).replace(task) {
+                    old.abort();
+                }
+            }
+        }
+        *lock(&shared.registered) = true;
+        shared.set_state(RegistrationState::Registered);
+        tracing::debug!(key = %svc.key, lease = ?shared.lease(), "registered");
+        Ok(())
+    }
+
+    async fn do_deregister(&self) -> Result<(), Error> {
+        let _op = self.op.lock().await;
+        if let Some(task) = self.stop_task() {
+            // Wait until it is gone, so it cannot put the key back after our delete.
+            let _ = task.await;
+        }
+        let shared = &self.shared;
+        if !*lock(&shared.registered) {
+            shared.set_state(RegistrationState::Unregistered);
+            return Ok(());
+        }
+        let key = &shared.service.key;
+        let lease = shared.lease();
+        match lease {
+            Some(lease) => {
+                let deleted = shared.client.delete_if_lease(key, lease).await?;
+                if !deleted {
+                    tracing::debug!(%key, "key no longer on our lease: left alone");
+                }
+                shared.client.revoke(lease).await?;
+            }
+            None => shared.client.delete(key).await?,
+        }
+        *lock(&shared.lease) = None;
+        *lock(&shared.registered) = false;
+        shared.set_state(RegistrationState::Unregistered);
+        tracing::debug!(%key, "deregistered");
+        Ok(())
+    }
+}
+
+/// Grants a lease and puts the key on it; revokes the lease if the put fails.
+async fn grant_and_put<C: Client>(
+    shared: &Shared<C>,
+    secs: i64,
+    heartbeat: Duration,
+) -> Result<i64, Error> {
+    let (lease, granted) = shared.client.grant(secs).await?;
+    if granted > 0 && Duration::from_secs(granted.unsigned_abs()) <= heartbeat {
+        let _ = shared.client.revoke(lease).await;
+        return Err(Error::InvalidTtl(format!(
+            "etcd granted a TTL of {granted}s, not above the heartbeat {heartbeat:?}: \
+             use a longer TTL"
+        )));
+    }
+    let svc = &shared.service;
+    if let Err(e) = shared.client.put(&svc.key, &svc.value, Some(lease)).await {
+        let _ = shared.client.revoke(lease).await;
+        return Err(e);
+    }
+    Ok(lease)
+}
+
+/// Exponential backoff from 100 ms, capped, with jitter.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(16));
+    let d = base.min(cap);
+    d.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+/// Keeps the lease alive; re-grants and re-puts when etcd says it is gone.
+async fn heartbeat<C: Client>(shared: Arc<Shared<C>>, every: Duration, secs: i64) {
+    let key = shared.service.key.clone();
+    let mut delay = every;
+    let mut failures = 0u32;
+    let mut lost = false;
+    loop {
+        tokio::time::sleep(delay).await;
+        if lost {
+            match tokio::time::timeout(every.max(Duration::from_secs(1)) * 2, async {
+                grant_and_put(&shared, secs, every).await
+            })
+            .await
+            {
+                Ok(Ok(lease)) => {
+                    tracing::info!(%key, lease, "lease re-granted and key put again");
+                    *lock(&shared.lease) = Some(lease);
+                    shared.set_state(RegistrationState::Registered);
+                    lost = false;
+                    failures = 0;
+                    delay = every;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%key, error = %e, "re-registering failed; retrying");
+                    shared.set_state(RegistrationState::Retrying(e.into()));
+                    failures += 1;
+                    delay = backoff(failures, every);
+                }
+                Err(_) => {
+                    shared.set_state(RegistrationState::Retrying(sd_core::Error::Timeout(
+                        every * 2,
+                    )));
+                    failures += 1;
+                    delay = backoff(failures, every);
+                }
+            }
+            continue;
+        }
+        let Some(lease) = shared.lease() else { return };
+        match tokio::time::timeout(every, shared.client.keep_alive(lease)).await {
+            Ok(Ok(ttl)) if ttl > 0 => {
+                if failures > 0 {
+                    tracing::info!(%key, "heartbeat recovered");
+                }
+                shared.set_state(RegistrationState::Registered);
+                failures = 0;
+                delay = every;
+            }
+            Ok(Ok(_)) | Ok(Err(Error::LeaseNotFound(_))) => {
+                tracing::warn!(%key, lease, "etcd lost the lease; granting a new one");
+                shared.set_state(RegistrationState::Retrying(
+                    Error::LeaseNotFound(lease).into(),
+                ));
+                lost = true;
+                delay = Duration::ZERO;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%key, error = %e, "heartbeat failed; retrying");
+                shared.set_state(RegistrationState::Retrying(e.into()));
+                failures += 1;
+                delay = backoff(failures, every);
+            }
+            Err(_) => {
+                tracing::warn!(%key, "heartbeat timed out; retrying");
+                shared.set_state(RegistrationState::Retrying(sd_core::Error::Timeout(every)));
+                failures += 1;
+                delay = backoff(failures, every);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<C: Client> sd_core::Registrar for EtcdRegistrar<C> {
+    async fn register(&self) -> Result<(), sd_core::Error> {
+        self.do_register().await.map_err(Into::into)
+    }
+
+    async fn deregister(&self) -> Result<(), sd_core::Error> {
+        self.do_deregister().await.map_err(Into::into)
+    }
+
+    fn state(&self) -> RegistrationState {
+        lock(&self.shared.state).clone()
+    }
+}
+
+impl<C: Client> Drop for EtcdRegistrar<C> {
+    fn drop(&mut self) {
+        self.stop_task();
+        if !self.revoke_on_drop {
+            return;
+        }
+        let Some(lease) = self.shared.lease() else {
+            return;
+        };
+        if !*lock(&self.shared.registered) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                if let Err(e) = shared.client.revoke(lease).await {
+                    tracing::debug!(error = %e, lease, "best-effort revoke on drop failed");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MockClient;
+    use sd_core::{Registrar, TtlOption};
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    fn svc(ttl: bool) -> Service {
+        let s = Service::new("/svc/a:1", "a:1").unwrap();
+        if ttl {
+            s.with_ttl(
+                TtlOption::new(Duration::from_millis(500), Duration::from_millis(1500)).unwrap(),
+            )
+        } else {
+            s
+        }
+    }
+
+    #[test]
+    fn ttl_rounds_up() {
+        assert_eq!(ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ttl_secs(Duration::from_secs(3)), 3);
+        assert_eq!(ttl_secs(Duration::from_millis(10)), 1);
+    }
+
+    #[tokio::test]
+    async fn empty_key_is_refused_without_touching_etcd() {
+        let mock = MockClient::new();
+        let r = EtcdRegistrar::new(
+            mock,
+            Service {
+                key: String::new(),
+                value: "x".into(),
+                ttl: None,
+            },
+        );
+        let err = r.register().await.unwrap_err();
+        assert!(matches!(err, sd_core::Error::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn plain_put_and_delete_without_ttl() {
+        let mut mock = MockClient::new();
+        mock.expect_put()
+            .withf(|k, v, l| k == "/svc/a:1" && v == "a:1" && l.is_none())
+            .times(1)
+            .returning(|_, _, _| Ok(()));
+        mock.expect_delete().times(1).returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(false));
+        r.register().await.unwrap();
+        r.register().await.unwrap();
+        assert!(r.state().is_registered());
+        r.deregister().await.unwrap();
+        r.deregister().await.unwrap();
+        assert!(!r.state().is_registered());
+    }
+
+    #[tokio::test]
+    async fn failed_put_revokes_the_new_lease_and_reports() {
+        let mut mock = MockClient::new();
+        mock.expect_grant().returning(|ttl| Ok((7, ttl)));
+        mock.expect_put().returning(|_, _, _| {
+            Err(Error::Timeout {
+                op: "put",
+                after: Duration::from_secs(5),
+            })
+        });
+        mock.expect_revoke()
+            .withf(|l| *l == 7)
+            .times(1)
+            .returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(true));
+        assert!(r.register().await.is_err());
+        assert!(!r.state().is_registered());
+    }
+
+    #[tokio::test]
+    async fn lost_lease_is_regranted_and_key_put_again() {
+        let mut mock = MockClient::new();
+        let next_lease = Arc::new(AtomicI64::new(1));
+        let n = next_lease.clone();
+        mock.expect_grant()
+            .returning(move |ttl| Ok((n.fetch_add(1, Ordering::SeqCst), ttl)));
+        let puts = Arc::new(AtomicUsize::new(0));
+        let p = puts.clone();
+        mock.expect_put().returning(move |_, _, lease| {
+            p.fetch_add(1, Ordering::SeqCst);
+            assert!(lease.is_some());
+            Ok(())
+        });
+        // Lease 1 is lost at once; lease 2 stays alive.
+        mock.expect_keep_alive()
+            .returning(|lease| Ok(if lease == 1 { 0 } else { 2 }));
+        mock.expect_delete_if_lease()
+            .withf(|_, l| *l == 2)
+            .returning(|_, _| Ok(true));
+        mock.expect_revoke()
+            .withf(|l| *l == 2)
+            .returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(true));
+        r.register().await.unwrap();
+        assert_eq!(r.lease(), Some(1));
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert_eq!(r.lease(), Some(2), "state: {:?}", r.state());
+        assert_eq!(puts.load(Ordering::SeqCst), 2);
+        assert!(r.state().is_registered());
+        r.deregister().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failing_heartbeat_reports_retrying_then_recovers() {
+        let mut mock = MockClient::new();
+        mock.expect_grant().returning(|ttl| Ok((5, ttl)));
+        mock.expect_put().returning(|_, _, _| Ok(()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        mock.expect_keep_alive().returning(move |_| {
+            if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(Error::Watch("connection reset".into()))
+            } else {
+                Ok(2)
+            }
+        });
+        mock.expect_revoke().returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(true));
+        r.register().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(650)).await;
+        assert!(
+            matches!(r.state(), RegistrationState::Retrying(_)),
+            "{:?}",
+            r.state()
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(r.state().is_registered(), "{:?}", r.state());
+        assert!(calls.load(Ordering::SeqCst) >= 3);
+        // Dropping revokes in the background.
+        drop(r);
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test]
+    async fn deregister_leaves_a_key_taken_over_by_another_lease() {
+        let mut mock = MockClient::new();
+        mock.expect_grant().returning(|ttl| Ok((9, ttl)));
+        mock.expect_put().returning(|_, _, _| Ok(()));
+        mock.expect_keep_alive().returning(|_| Ok(2));
+        mock.expect_delete_if_lease().returning(|_, _| Ok(false));
+        mock.expect_delete().never();
+        mock.expect_revoke()
+            .withf(|l| *l == 9)
+            .times(1)
+            .returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(true));
+        r.register().await.unwrap();
+        r.deregister().await.unwrap();
+        assert_eq!(r.lease(), None);
+    }
+
+    #[tokio::test]
+    async fn failed_deregister_can_be_retried() {
+        let mut mock = MockClient::new();
+        mock.expect_put().returning(|_, _, _| Ok(()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        mock.expect_delete().returning(move |_| {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(Error::Watch("unavailable".into()))
+            } else {
+                Ok(())
+            }
+        });
+        let r = EtcdRegistrar::new(mock, svc(false));
+        r.register().await.unwrap();
+        assert!(r.deregister().await.is_err());
+        r.deregister().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
