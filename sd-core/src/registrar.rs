@@ -145,8 +145,10 @@ impl RegistrationState {
 ///
 /// Unlike go-kit's, failures are returned, and a backend that keeps a registration alive (TTL
 /// heartbeats) goes on retrying in the background, reporting through [`state`](Self::state).
-/// Both calls are idempotent. Dropping a registrar without `deregister()` stops its heartbeats:
-/// the key then expires at its TTL, as if the process had crashed.
+/// Both calls are idempotent. Call `deregister()` on shutdown: dropping a registrar stops its
+/// heartbeats, and whether it also removes the key is the backend's choice (`sd-etcd` makes a
+/// best-effort revoke, `sd-memory` leaves the key to expire at its TTL, as a crashed process
+/// would).
 ///
 /// ```
 /// use async_trait::async_trait;
