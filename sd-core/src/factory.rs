@@ -34,3 +34,20 @@ where
         self(instance)
     }
 }
+
+/// Runs a closer exactly once: when dropped.
+pub(crate) struct CloseGuard(Option<Closer>);
+
+impl CloseGuard {
+    pub(crate) fn new(closer: Option<Closer>) -> Self {
+        CloseGuard(closer)
+    }
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        if let Some(close) = self.0.take() {
+            close();
+        }
+    }
+}

@@ -50,6 +50,11 @@ mod registrar;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "tower")]
+mod discover;
+#[cfg(feature = "tower")]
+pub use discover::{discover, Discovery};
+
 pub use balancer::Balancer;
 pub use endpointer::{DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Snapshot};
 pub use error::{BackendError, Error};

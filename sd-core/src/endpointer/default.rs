@@ -9,9 +9,8 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
-use crate::{
-    Closer, Endpointer, Error, Event, EventStream, Factory, Instance, Instancer, Snapshot,
-};
+use crate::factory::CloseGuard;
+use crate::{Endpointer, Error, Event, EventStream, Factory, Instance, Instancer, Snapshot};
 
 /// Options of a [`DefaultEndpointer`].
 ///
@@ -104,15 +103,8 @@ struct Cache<E> {
 
 struct Entry<E> {
     endpoint: E,
-    closer: Option<Closer>,
-}
-
-impl<E> Drop for Entry<E> {
-    fn drop(&mut self) {
-        if let Some(close) = self.closer.take() {
-            close();
-        }
-    }
+    /// Runs the instance's closer when the entry is dropped.
+    _close: CloseGuard,
 }
 
 impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
@@ -322,9 +314,13 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
             }
             match self.factory.make(instance) {
                 Ok((endpoint, closer)) => {
-                    cache
-                        .entries
-                        .insert(instance.clone(), Entry { endpoint, closer });
+                    cache.entries.insert(
+                        instance.clone(),
+                        Entry {
+                            endpoint,
+                            _close: CloseGuard::new(closer),
+                        },
+                    );
                 }
                 Err(err) => {
                     tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
