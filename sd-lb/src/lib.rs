@@ -1,1 +1,68 @@
-//! placeholder
+//! # sd-lb: load balancing and retries over any sd backend
+//!
+//! Balancers pick one endpoint of an [`Endpointer`](sd_core::Endpointer) per call, after go-kit's
+//! `sd/lb`; [`Retry`] calls through any [`Balancer`](sd_core::Balancer) until an attempt succeeds.
+//! They are generic over the endpointer and the balancer, so they compose with every backend
+//! (etcd, in-memory, your own) and with each other.
+//!
+//! | type | picks | returns |
+//! |---|---|---|
+//! | [`RoundRobin`] | each endpoint in turn | the endpoint `E` |
+//! | [`Random`] | a uniformly random endpoint (seedable) | the endpoint `E` |
+//! | [`P2c`] | the less loaded of two random endpoints | an [`InFlight`] guard (derefs to `E`) |
+//! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback | the call's result |
+//!
+//! A pick takes no lock, allocates nothing and never awaits: each thread caches the endpointer's
+//! snapshot and re-reads it only when the endpointer's version moves (one atomic load per pick).
+//! A thread that stops picking keeps its last snapshot (and so those endpoints) alive until it
+//! picks again or the balancer is dropped; a closed endpoint is never handed out after the
+//! endpointer's version has moved past it, since every pick checks the version first.
+//!
+//! The whole path, from an instancer to a retried call:
+//!
+//! ```
+//! use std::time::Duration;
+//! use sd_core::{Closer, DefaultEndpointer, EndpointerOptions, Error, Event, Instance, Instancer,
+//!               Publisher};
+//! use sd_lb::{Retry, RoundRobin};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A backend's instancer (sd-etcd, sd-memory, ...); here a Publisher fed by hand.
+//! struct Static(Publisher);
+//! impl Instancer for Static {
+//!     fn subscribe(&self) -> sd_core::EventStream { self.0.subscribe() }
+//!     fn stop(&self) { self.0.stop() }
+//! }
+//! let instancer = Static(Publisher::new(Event::from_instances(["10.0.0.1:80", "10.0.0.2:80"])));
+//!
+//! // The factory turns an instance into an endpoint: here, a URL.
+//! let factory = |i: &Instance| -> Result<(String, Option<Closer>), Error> {
+//!     Ok((format!("http://{i}/hello"), None))
+//! };
+//! let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
+//! let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(2))?;
+//!
+//! let reply = retry
+//!     .call(|url| async move {
+//!         // Your client call goes here.
+//!         Ok::<_, std::io::Error>(format!("GET {url}"))
+//!     })
+//!     .await?;
+//! assert_eq!(reply, "GET http://10.0.0.1:80/hello");
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod p2c;
+mod random;
+mod retry;
+mod round_robin;
+mod thread_cache;
+
+pub use p2c::{InFlight, P2c};
+pub use random::Random;
+pub use retry::{AlwaysRetry, AttemptError, Retry, RetryCallback, RetryError, StopReason};
+pub use round_robin::RoundRobin;

@@ -1,0 +1,143 @@
+//! go-kit's etcdv3 example, in Rust: `foosvc` registers itself in etcd under
+//! `/services/foosvc/<instance>` with a TTL, discovers `/services/barsvc/` through an instancer,
+//! an endpointer with a factory, round robin and retry (3 attempts within 3 s), prints the barsvc
+//! instances as they change, calls one every `--call-every`, and deregisters on shutdown
+//! (Ctrl-C / SIGINT, SIGTERM, or after `--run-for`).
+//!
+//! ```text
+//! cargo xtask etcd &                      # a local etcd on 127.0.0.1:2379
+//! cargo run -p examples --bin foosvc -- --instance 127.0.0.1:8080
+//! etcdctl put /services/barsvc/127.0.0.1:9000 127.0.0.1:9000
+//! ```
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use examples::EtcdArgs;
+use futures::StreamExt;
+use sd_core::{
+    Closer, DefaultEndpointer, EndpointerOptions, Error, Event, Instance, Instancer, Registrar,
+    Service, TtlOption,
+};
+use sd_etcd::{EtcdInstancer, EtcdRegistrar};
+use sd_lb::{Retry, RoundRobin};
+use tokio::signal::unix::{signal, SignalKind};
+
+const FOO_PREFIX: &str = "/services/foosvc/";
+const BAR_PREFIX: &str = "/services/barsvc/";
+
+/// go-kit's etcdv3 example: register foosvc, discover and call barsvc.
+#[derive(Debug, Parser)]
+#[command(name = "foosvc")]
+struct Args {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// This instance's address, registered under /services/foosvc/<instance>.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    instance: String,
+    /// How often the registration is refreshed.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// How long etcd keeps the registration after the last heartbeat.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// How often to call barsvc.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    call_every: Duration,
+    /// Shut down after this long instead of waiting for a signal.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    run_for: Option<Duration>,
+}
+
+/// A barsvc endpoint. A real program would hold a client connection here; the example only
+/// names the instance it would call.
+#[derive(Debug, Clone)]
+struct BarEndpoint(Instance);
+
+impl BarEndpoint {
+    async fn call(&self) -> Result<String, Error> {
+        Ok(format!("barsvc at {} answered", self.0))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    examples::init_logging("warn");
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("foosvc: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Error> {
+    let ttl = TtlOption::new(args.heartbeat, args.ttl)?;
+    let service =
+        Service::new(format!("{FOO_PREFIX}{}", args.instance), &args.instance)?.with_ttl(ttl);
+    // Install the signal handlers before registering, so no signal finds us without them.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::backend)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::backend)?;
+
+    let client = args.etcd.connect().await?;
+    let registrar = EtcdRegistrar::new(client.clone(), service);
+    registrar.register().await?;
+    println!(
+        "registered {FOO_PREFIX}{} (ttl {:?})",
+        args.instance, args.ttl
+    );
+
+    let result = serve(&args, client, &mut sigterm, &mut sigint).await;
+
+    registrar.deregister().await?;
+    println!("deregistered {FOO_PREFIX}{}", args.instance);
+    result
+}
+
+async fn serve(
+    args: &Args,
+    client: sd_etcd::EtcdClient,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<(), Error> {
+    let instancer = EtcdInstancer::new(client, BAR_PREFIX).await?;
+    let mut changes = instancer.subscribe();
+    let factory = |instance: &Instance| -> Result<(BarEndpoint, Option<Closer>), Error> {
+        Ok((BarEndpoint(instance.clone()), None))
+    };
+    let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
+    let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(3))?;
+
+    let mut calls = tokio::time::interval(args.call_every);
+    let stop_at = args.run_for.map(|d| tokio::time::Instant::now() + d);
+    let deadline = async {
+        match stop_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { println!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { println!("SIGINT: shutting down"); break; }
+            _ = &mut deadline => { println!("--run-for elapsed: shutting down"); break; }
+            change = changes.next() => match change {
+                Some(Event::Instances(set)) => println!("barsvc instances: {:?}", set),
+                Some(Event::Error(e)) => println!("barsvc discovery error: {e}"),
+                None => break,
+            },
+            _ = calls.tick() => {
+                match retry.call(|bar: BarEndpoint| async move { bar.call().await }).await {
+                    Ok(reply) => println!("call: {reply}"),
+                    Err(e) => println!("call failed: {e}"),
+                }
+            }
+        }
+    }
+    instancer.stop();
+    Ok(())
+}

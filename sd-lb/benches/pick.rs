@@ -1,0 +1,178 @@
+//! The cost of one pick, and of a retried call whose first attempt succeeds.
+//!
+//! Every balancer is measured through the live `DefaultEndpointer` (fed by a `Publisher`-backed
+//! instancer, as a backend would) and through `FixedEndpointer`, over 1 to 10 000 endpoints of a
+//! `u64`-sized handle, on one thread and while a second thread picks from the same balancer.
+//! The baseline in the same run is the cheapest pick there is: a shared `AtomicUsize::fetch_add`
+//! and a slice index. Run with `cargo bench -p sd-lb --bench pick`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
+use futures::FutureExt;
+use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer};
+use sd_lb::{P2c, Random, Retry, RoundRobin};
+
+const SIZES: [usize; 4] = [1, 10, 1_000, 10_000];
+
+/// go-kit's round robin, and the floor: one shared counter, one index.
+struct Bare {
+    next: AtomicUsize,
+    endpoints: Arc<[u64]>,
+}
+
+impl Bare {
+    #[inline]
+    fn pick(&self) -> u64 {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.endpoints[i % self.endpoints.len()]
+    }
+}
+
+/// Measures `pick` on this thread while another thread runs `pick` in a loop on the same
+/// balancer; reports the measured thread's time per pick.
+fn two_threads(b: &mut Bencher, pick: &(dyn Fn() + Sync)) {
+    b.iter_custom(|iters| {
+        let stop = AtomicBool::new(false);
+        let running = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                running.store(true, Ordering::Release);
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        pick();
+                    }
+                }
+            });
+            while !running.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            let start = Instant::now();
+            for _ in 0..iters {
+                pick();
+            }
+            let elapsed = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            elapsed
+        })
+    });
+}
+
+struct Sets {
+    _runtime: tokio::runtime::Runtime,
+    _instances: common::Instances,
+    live: Arc<DefaultEndpointer<u64>>,
+    fixed: Arc<FixedEndpointer<u64>>,
+}
+
+fn sets(n: usize) -> Sets {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let instances = common::Instances::new((0..n).map(|i| i.to_string()));
+    let live = Arc::new(runtime.block_on(instances.numbers()));
+    let fixed = Arc::new(FixedEndpointer::new((0..n as u64).collect()));
+    Sets {
+        _runtime: runtime,
+        _instances: instances,
+        live,
+        fixed,
+    }
+}
+
+fn bench_picks(c: &mut Criterion) {
+    for threads in ["one_thread", "two_threads"] {
+        let mut group = c.benchmark_group(threads);
+        for n in SIZES {
+            let sets = sets(n);
+            let bare = Bare {
+                next: AtomicUsize::new(0),
+                endpoints: (0..n as u64).collect(),
+            };
+            let rr_live = RoundRobin::new(sets.live.clone());
+            let rr_fixed = RoundRobin::new(sets.fixed.clone());
+            let random_live = Random::new(sets.live.clone());
+            let random_fixed = Random::new(sets.fixed.clone());
+            let p2c_live = P2c::new(sets.live.clone());
+            let p2c_fixed = P2c::new(sets.fixed.clone());
+            let cases: [(&str, &(dyn Fn() + Sync)); 7] = [
+                ("baseline_fetch_add_index", &|| {
+                    black_box(bare.pick());
+                }),
+                ("round_robin_live", &|| {
+                    let _ = black_box(rr_live.endpoint());
+                }),
+                ("round_robin_fixed", &|| {
+                    let _ = black_box(rr_fixed.endpoint());
+                }),
+                ("random_live", &|| {
+                    let _ = black_box(random_live.endpoint());
+                }),
+                ("random_fixed", &|| {
+                    let _ = black_box(random_fixed.endpoint());
+                }),
+                ("p2c_live", &|| {
+                    let _ = black_box(p2c_live.endpoint());
+                }),
+                ("p2c_fixed", &|| {
+                    let _ = black_box(p2c_fixed.endpoint());
+                }),
+            ];
+            for (name, pick) in cases {
+                group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                    if threads == "one_thread" {
+                        b.iter(pick)
+                    } else {
+                        two_threads(b, pick)
+                    }
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+fn bench_retry(c: &mut Criterion) {
+    let mut group = c.benchmark_group("retry_first_attempt_succeeds");
+    let sets = sets(10);
+    let endpoint = |e: u64| async move { Ok::<u64, String>(black_box(e)) };
+    group.bench_function("bare_closure", |b| {
+        b.iter(|| endpoint(black_box(3)).now_or_never())
+    });
+    let rr = RoundRobin::new(sets.live.clone());
+    group.bench_function("pick_then_closure", |b| {
+        b.iter(|| endpoint(rr.endpoint().unwrap_or_default()).now_or_never())
+    });
+    let retry = Retry::new(
+        RoundRobin::new(sets.live.clone()),
+        3,
+        Duration::from_secs(1),
+    )
+    .expect("valid retry settings");
+    group.bench_function("retry_round_robin_live", |b| {
+        b.iter(|| retry.call(endpoint).now_or_never())
+    });
+    let retry_p2c = Retry::new(P2c::new(sets.live.clone()), 3, Duration::from_secs(1))
+        .expect("valid retry settings");
+    group.bench_function("retry_p2c_live", |b| {
+        b.iter(|| retry_p2c.call(|e| endpoint(*e)).now_or_never())
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = bench_picks, bench_retry
+}
+criterion_main!(benches);

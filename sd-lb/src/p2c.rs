@@ -1,0 +1,475 @@
+//! Power of two choices: the less loaded of two random endpoints.
+//!
+//! Picking the least loaded of *all* endpoints needs a view of every endpoint's load on every
+//! pick, and it herds: every client sends its next request to the same idle endpoint. Picking
+//! uniformly at random ignores load. Choosing two endpoints at random and taking the less
+//! loaded one gets almost all of the benefit of the full search at the cost of two reads: with
+//! `n` requests over `n` servers the most loaded server holds `O(log log n)` requests instead
+//! of random's `O(log n / log log n)`, an exponential improvement.
+//!
+//! Source: Michael Mitzenmacher, *The Power of Two Choices in Randomized Load Balancing*
+//! (PhD thesis, UC Berkeley, 1996; IEEE Transactions on Parallel and Distributed Systems 12(10),
+//! 2001). Finagle's "Power of Two Choices (P2C) + Least Loaded" balancer and tower's
+//! `tower::balance::p2c` use the same rule, with the number of requests in flight as the load.
+//!
+//! Here the load of an endpoint is the number of [`InFlight`] guards handed out for it and not
+//! yet dropped: hold the guard for as long as the request runs.
+//!
+//! ```
+//! use sd_core::{Balancer, FixedEndpointer};
+//! use sd_lb::P2c;
+//!
+//! let p2c = P2c::new(FixedEndpointer::new(vec!["a:80", "b:80"]));
+//! let busy = p2c.endpoint().unwrap();       // one request in flight on `busy`
+//! let next = p2c.endpoint().unwrap();
+//! assert_ne!(*busy, *next, "the idle endpoint wins");
+//! drop(busy);                               // the request is over
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use sd_core::{Balancer, Endpointer, Error, Instance, Snapshot};
+
+use crate::random::thread_rng;
+use crate::thread_cache::ThreadCache;
+
+/// Power-of-two-choices least-loaded balancer: picks two endpoints at random and hands out the
+/// one with fewer requests in flight (see the [module docs](crate::p2c) for why).
+///
+/// A pick returns an [`InFlight`] guard that derefs to the endpoint and counts as one request
+/// in flight until dropped. The counts belong to instances, not to positions in the set: an
+/// instance that stays in the set across an update keeps its count.
+///
+/// A pick of an unchanged set takes no lock and allocates nothing (per-thread cached snapshot
+/// and random generator, as in [`Random`](crate::Random)); it writes only the chosen endpoint's
+/// load (one atomic add, and one atomic sub when the guard drops), the one thing a load-aware
+/// balancer has to share between threads. When the set changes, the first pick of each thread
+/// takes a lock to map the new set to its counters.
+///
+/// ```
+/// use sd_core::{Balancer, FixedEndpointer};
+/// use sd_lb::P2c;
+///
+/// let p2c = P2c::with_seed(FixedEndpointer::new(vec![1, 2, 3]), 7);
+/// let endpoint = p2c.endpoint().unwrap();
+/// assert_eq!(endpoint.load(), 1);
+/// let n: i32 = *endpoint; // use it like the endpoint itself
+/// assert!((1..=3).contains(&n));
+/// ```
+pub struct P2c<E: Send + Sync, P> {
+    endpointer: P,
+    seed: Option<u64>,
+    registry: Mutex<Registry>,
+    cache: ThreadCache<E, Local>,
+}
+
+/// The load of one endpoint. Its requests in flight are the strong references its guards
+/// hold: the `Arc`'s strong count less the references held by counter tables (`tables`). So a
+/// pick costs one atomic add (cloning the `Arc` into its guard) and the guard's drop one
+/// atomic sub, both on the one cache line the endpoint's load lives on.
+struct Load {
+    /// How many counter tables hold this load.
+    tables: AtomicUsize,
+    /// Pads the `Arc` allocation to a cache line's size, so that the loads of two endpoints
+    /// (which different threads update at once) do not share a line.
+    _pad: [usize; 5],
+}
+
+impl Load {
+    fn new() -> Arc<Load> {
+        Arc::new(Load {
+            tables: AtomicUsize::new(0),
+            _pad: [0; 5],
+        })
+    }
+}
+
+/// The number of requests in flight on `load`.
+#[inline]
+fn in_flight(load: &Arc<Load>) -> usize {
+    // Relaxed, and the two reads are not one snapshot: while a table is built or dropped the
+    // result may be off by one for a moment. It only steers a heuristic.
+    Arc::strong_count(load).saturating_sub(load.tables.load(Ordering::Relaxed))
+}
+
+/// A counter table's reference to a load, which is not a request in flight.
+struct Held(Arc<Load>);
+
+impl Held {
+    fn new(load: Arc<Load>) -> Self {
+        load.tables.fetch_add(1, Ordering::Relaxed);
+        Held(load)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.tables.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The loads of one snapshot's endpoints, in endpoint order.
+type Table = Arc<[Held]>;
+
+/// One thread's generator and the counters of its cached snapshot.
+struct Local {
+    rng: fastrand::Rng,
+    loads: Table,
+}
+
+/// Maps instances to their counters; used only when a thread moves to a new snapshot.
+#[derive(Default)]
+struct Registry {
+    /// The counter table of the last snapshot mapped, so the threads that move to it next share
+    /// one table.
+    current: Option<Mapped>,
+    /// Every counter still alive (held by a table or a guard), by instance and by occurrence of
+    /// that instance in its set (a static list may repeat an instance, e.g. the empty one).
+    by_instance: HashMap<(Instance, usize), Weak<Load>>,
+}
+
+/// A snapshot (by version and instance list) and its counter table.
+struct Mapped {
+    version: u64,
+    instances: Arc<[Instance]>,
+    loads: Table,
+}
+
+impl Registry {
+    /// The counters of `snapshot`'s endpoints, in endpoint order: an instance already known
+    /// keeps its counter, a new one gets a fresh counter.
+    fn table<E>(&mut self, snapshot: &Snapshot<E>) -> Table {
+        if let Some(m) = &self.current {
+            if m.version == snapshot.version() && Arc::ptr_eq(&m.instances, snapshot.instances()) {
+                return m.loads.clone();
+            }
+        }
+        let instances = snapshot.instances();
+        let mut occurrences: HashMap<&Instance, usize> = HashMap::new();
+        let unnamed = Instance::new("");
+        // Built over the endpoints: a snapshot whose instance list is shorter (a broken
+        // endpointer) still gets one counter per endpoint.
+        let loads: Table = (0..snapshot.endpoints().len())
+            .map(|i| {
+                let instance = instances.get(i).unwrap_or(&unnamed);
+                let seen = occurrences.entry(instance).or_insert(0);
+                let key = (instance.clone(), *seen);
+                *seen += 1;
+                let load = match self.by_instance.get(&key).and_then(Weak::upgrade) {
+                    Some(load) => load,
+                    None => {
+                        let load = Load::new();
+                        self.by_instance.insert(key, Arc::downgrade(&load));
+                        load
+                    }
+                };
+                Held::new(load)
+            })
+            .collect();
+        // Forget the counters no table or guard holds any more (their count is zero).
+        self.by_instance.retain(|_, load| load.strong_count() > 0);
+        self.current = Some(Mapped {
+            version: snapshot.version(),
+            instances: instances.clone(),
+            loads: loads.clone(),
+        });
+        loads
+    }
+}
+
+impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
+    /// A P2C balancer over `endpointer`, its random choices seeded from fastrand's per-thread
+    /// generator.
+    ///
+    /// ```
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::P2c;
+    ///
+    /// let p2c = P2c::new(FixedEndpointer::new(vec!["only"]));
+    /// assert_eq!(*p2c.endpoint().unwrap(), "only");
+    /// ```
+    pub fn new(endpointer: P) -> Self {
+        Self::build(endpointer, None)
+    }
+
+    /// A P2C balancer whose random choices are reproducible (see [`Random::with_seed`](crate::Random::with_seed)).
+    ///
+    /// ```
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::P2c;
+    ///
+    /// let picks = |seed| {
+    ///     let p2c = P2c::with_seed(FixedEndpointer::new((0..100).collect()), seed);
+    ///     (0..10).map(|_| *p2c.endpoint().unwrap()).collect::<Vec<i32>>()
+    /// };
+    /// assert_eq!(picks(1), picks(1));
+    /// ```
+    pub fn with_seed(endpointer: P, seed: u64) -> Self {
+        Self::build(endpointer, Some(seed))
+    }
+
+    fn build(endpointer: P, seed: Option<u64>) -> Self {
+        P2c {
+            endpointer,
+            seed,
+            registry: Mutex::new(Registry::default()),
+            cache: ThreadCache::new(),
+        }
+    }
+
+    /// The endpointer this balancer picks from.
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer};
+    /// use sd_lb::P2c;
+    ///
+    /// let p2c = P2c::new(FixedEndpointer::new(vec![1, 2]));
+    /// assert_eq!(p2c.endpointer().endpoints().unwrap().len(), 2);
+    /// ```
+    pub fn endpointer(&self) -> &P {
+        &self.endpointer
+    }
+}
+
+impl<E, P> Balancer for P2c<E, P>
+where
+    E: Clone + Send + Sync,
+    P: Endpointer<E>,
+{
+    type Endpoint = InFlight<E>;
+
+    #[inline]
+    fn endpoint(&self) -> Result<InFlight<E>, Error> {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| Local {
+                rng: thread_rng(self.seed, ordinal),
+                loads: Arc::from(Vec::new()),
+            },
+            |snapshot, local| {
+                let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+                local.loads = registry.table(snapshot);
+            },
+            |endpoints, snapshot, local| {
+                let loads = &local.loads[..];
+                let n = endpoints.len().min(loads.len());
+                let i = match n {
+                    0 => return Err(snapshot.no_endpoints()),
+                    1 => 0,
+                    _ => {
+                        // Two distinct positions, uniformly.
+                        let a = local.rng.usize(..n);
+                        let mut b = local.rng.usize(..n - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        // Ties go to `a`, itself random.
+                        if in_flight(&loads[b].0) < in_flight(&loads[a].0) {
+                            b
+                        } else {
+                            a
+                        }
+                    }
+                };
+                Ok(InFlight {
+                    endpoint: endpoints[i].clone(),
+                    // This clone is the request in flight.
+                    load: loads[i].0.clone(),
+                })
+            },
+        )
+    }
+}
+
+impl<E: Send + Sync, P: Endpointer<E>> fmt::Debug for P2c<E, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let in_flight: Vec<usize> = registry
+            .current
+            .as_ref()
+            .map(|m| m.loads.iter().map(|held| in_flight(&held.0)).collect())
+            .unwrap_or_default();
+        f.debug_struct("P2c")
+            .field("seed", &self.seed)
+            .field("version", &self.endpointer.version())
+            .field("endpoints", &self.endpointer.snapshot().endpoints().len())
+            .field("in_flight", &in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An endpoint picked by [`P2c`], counted as one request in flight until dropped.
+///
+/// Derefs to the endpoint. Keep it alive for as long as the request runs (move it into the
+/// request's future); dropping it releases the count, also when the request is cancelled.
+///
+/// ```
+/// use sd_core::{Balancer, FixedEndpointer};
+/// use sd_lb::P2c;
+///
+/// let p2c = P2c::new(FixedEndpointer::new(vec![String::from("a:80")]));
+/// let first = p2c.endpoint().unwrap();
+/// assert_eq!(first.len(), 4); // a method of String, through Deref
+/// let second = p2c.endpoint().unwrap();
+/// assert_eq!(second.load(), 2);
+/// drop(first);
+/// assert_eq!(second.load(), 1);
+/// ```
+pub struct InFlight<E> {
+    endpoint: E,
+    load: Arc<Load>,
+}
+
+impl<E> InFlight<E> {
+    /// The endpoint.
+    ///
+    /// ```
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::P2c;
+    ///
+    /// let p2c = P2c::new(FixedEndpointer::new(vec![5u16]));
+    /// assert_eq!(*p2c.endpoint().unwrap().endpoint(), 5);
+    /// ```
+    pub fn endpoint(&self) -> &E {
+        &self.endpoint
+    }
+
+    /// The number of requests in flight on this endpoint now, this one included.
+    ///
+    /// ```
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::P2c;
+    ///
+    /// let p2c = P2c::new(FixedEndpointer::new(vec!["a"]));
+    /// let guard = p2c.endpoint().unwrap();
+    /// assert_eq!(guard.load(), 1);
+    /// ```
+    pub fn load(&self) -> usize {
+        in_flight(&self.load)
+    }
+}
+
+impl<E> Deref for InFlight<E> {
+    type Target = E;
+
+    fn deref(&self) -> &E {
+        &self.endpoint
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for InFlight<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("endpoint", &self.endpoint)
+            .field("load", &self.load())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd_core::FixedEndpointer;
+    use std::sync::Arc;
+
+    #[test]
+    fn prefers_the_less_loaded_of_two() {
+        // With two endpoints both are always drawn, so every pick goes to the less loaded one.
+        let p2c = P2c::with_seed(FixedEndpointer::new(vec!["a", "b"]), 1);
+        let mut held: Vec<InFlight<&str>> = Vec::new();
+        for _ in 0..20 {
+            held.push(p2c.endpoint().unwrap());
+            let on_a = held.iter().filter(|g| ***g == "a").count();
+            assert!(
+                on_a.abs_diff(held.len() - on_a) <= 1,
+                "loads never differ by more than one"
+            );
+        }
+        // Free "a" entirely: "b" still holds 10, so the next 10 picks must all be "a".
+        held.retain(|g| **g == "b");
+        for i in 0..10 {
+            let g = p2c.endpoint().unwrap();
+            assert_eq!(*g, "a", "pick {i}");
+            held.push(g);
+        }
+    }
+
+    #[test]
+    fn releases_the_count_when_the_guard_drops() {
+        let p2c = P2c::with_seed(FixedEndpointer::new(vec!["a", "b"]), 2);
+        let a = p2c.endpoint().unwrap();
+        let busy = *a;
+        for _ in 0..10 {
+            // `busy` holds one request, the other none: every pick goes to the other.
+            let other = p2c.endpoint().unwrap();
+            assert_ne!(*other, busy);
+            assert_eq!(other.load(), 1);
+        }
+        drop(a);
+        let loads: Vec<usize> = {
+            let g1 = p2c.endpoint().unwrap();
+            let g2 = p2c.endpoint().unwrap();
+            vec![g1.load(), g2.load()]
+        };
+        assert_eq!(loads, [1, 1], "both idle again after the drop: one each");
+    }
+
+    #[test]
+    fn keeps_the_loads_close_over_many_endpoints() {
+        let p2c = P2c::with_seed(FixedEndpointer::new((0..10).collect::<Vec<u32>>()), 3);
+        let held: Vec<_> = (0..200).map(|_| p2c.endpoint().unwrap()).collect();
+        let mut loads = vec![0usize; 10];
+        for g in &held {
+            loads[**g as usize] += 1;
+        }
+        // Mean 20. Random alone would typically leave a spread of about 13 here (3 standard
+        // deviations of a bucket); the power of two choices keeps it to a few.
+        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(max - min <= 4, "{loads:?}");
+        drop(held);
+        assert_eq!(p2c.endpoint().unwrap().load(), 1, "every count released");
+    }
+
+    #[test]
+    fn no_endpoints_is_an_error() {
+        let p2c = P2c::new(FixedEndpointer::<u8>::new(vec![]));
+        assert!(matches!(
+            p2c.endpoint(),
+            Err(Error::NoEndpoints { last_error: None })
+        ));
+    }
+
+    #[test]
+    fn repeated_instances_get_their_own_counters() {
+        // FixedEndpointer names every instance "": each position still has its own count.
+        let p2c = P2c::with_seed(FixedEndpointer::new(vec![0, 1]), 4);
+        let g = p2c.endpoint().unwrap();
+        assert_eq!(g.load(), 1);
+        let other = p2c.endpoint().unwrap();
+        assert_ne!(*other, *g);
+        assert_eq!((g.load(), other.load()), (1, 1));
+    }
+
+    #[test]
+    fn threads_share_the_counts() {
+        let p2c = Arc::new(P2c::with_seed(FixedEndpointer::new(vec!["a", "b"]), 5));
+        let mine = p2c.endpoint().unwrap();
+        let theirs = std::thread::scope(|s| s.spawn(|| *p2c.endpoint().unwrap()).join().unwrap());
+        assert_ne!(
+            theirs, *mine,
+            "the other thread sees this thread's request in flight"
+        );
+    }
+
+    #[test]
+    fn debug_shows_the_counts() {
+        let p2c = P2c::with_seed(FixedEndpointer::new(vec![1]), 6);
+        let g = p2c.endpoint().unwrap();
+        let s = format!("{p2c:?} {g:?}");
+        assert!(s.contains("in_flight: [1]") && s.contains("load: 1"), "{s}");
+    }
+}

@@ -1,0 +1,173 @@
+//! Round robin: each endpoint in turn.
+
+use std::fmt;
+
+use sd_core::{Balancer, Endpointer, Error};
+
+use crate::thread_cache::ThreadCache;
+
+/// Hands out the endpoints of an [`Endpointer`] in turn (go-kit's `NewRoundRobin`).
+///
+/// A pick takes no lock, allocates nothing and does not await: each thread keeps its own cached
+/// snapshot of the endpoint set (refreshed only when the endpointer's version moves) and its own
+/// position in it. A thread's position starts at its ordinal (the first thread to pick starts
+/// on the first endpoint, the second on the second, ...), so threads do not all begin on the
+/// same endpoint. On one thread the order is exact round robin; over several threads each
+/// thread cycles through the set, which spreads the load evenly without a shared counter.
+///
+/// When the set changes, a thread carries on from its position in the new set.
+///
+/// ```
+/// use sd_core::{Balancer, FixedEndpointer};
+/// use sd_lb::RoundRobin;
+///
+/// let rr = RoundRobin::new(FixedEndpointer::new(vec!["a:80", "b:80", "c:80"]));
+/// let picks: Vec<_> = (0..4).map(|_| rr.endpoint().unwrap()).collect();
+/// assert_eq!(picks, ["a:80", "b:80", "c:80", "a:80"]);
+///
+/// let empty = RoundRobin::new(FixedEndpointer::<&str>::new(vec![]));
+/// assert!(matches!(empty.endpoint(), Err(sd_core::Error::NoEndpoints { .. })));
+/// ```
+pub struct RoundRobin<E: Send + Sync, P> {
+    endpointer: P,
+    /// Per thread: the position of its next pick.
+    cache: ThreadCache<E, usize>,
+}
+
+impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
+    /// A round robin balancer over `endpointer`'s current endpoints.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::RoundRobin;
+    ///
+    /// // Share one endpointer between balancers with an Arc.
+    /// let endpoints = Arc::new(FixedEndpointer::new(vec![1, 2]));
+    /// let rr = RoundRobin::new(endpoints.clone());
+    /// assert_eq!(rr.endpoint().unwrap(), 1);
+    /// ```
+    pub fn new(endpointer: P) -> Self {
+        RoundRobin {
+            endpointer,
+            cache: ThreadCache::new(),
+        }
+    }
+
+    /// The endpointer this balancer picks from.
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer};
+    /// use sd_lb::RoundRobin;
+    ///
+    /// let rr = RoundRobin::new(FixedEndpointer::new(vec![1, 2]));
+    /// assert_eq!(rr.endpointer().endpoints().unwrap().len(), 2);
+    /// ```
+    pub fn endpointer(&self) -> &P {
+        &self.endpointer
+    }
+}
+
+impl<E, P> Balancer for RoundRobin<E, P>
+where
+    E: Clone + Send + Sync,
+    P: Endpointer<E>,
+{
+    type Endpoint = E;
+
+    #[inline]
+    fn endpoint(&self) -> Result<E, Error> {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| ordinal,
+            |_, _| {},
+            |endpoints, snapshot, next| {
+                let len = endpoints.len();
+                let mut i = *next;
+                if i >= len {
+                    // Only a thread's first pick (its position is its ordinal) or the first
+                    // after the set shrank: the division stays off the hot path.
+                    if len == 0 {
+                        return Err(snapshot.no_endpoints());
+                    }
+                    i %= len;
+                }
+                // Wrap with a compare, not a division.
+                *next = if i + 1 == len { 0 } else { i + 1 };
+                Ok(endpoints[i].clone())
+            },
+        )
+    }
+}
+
+impl<E: Send + Sync, P: Endpointer<E>> fmt::Debug for RoundRobin<E, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoundRobin")
+            .field("version", &self.endpointer.version())
+            .field("endpoints", &self.endpointer.snapshot().endpoints().len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd_core::FixedEndpointer;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    #[test]
+    fn visits_every_endpoint_equally_in_order() {
+        let n = 7;
+        let rr = RoundRobin::new(FixedEndpointer::new((0..n).collect()));
+        let k = 50;
+        let mut counts = vec![0usize; n];
+        for pick in 0..k * n {
+            let e = rr.endpoint().unwrap();
+            assert_eq!(e, pick % n, "exact order on one thread");
+            counts[e] += 1;
+        }
+        assert!(counts.iter().all(|&c| c == k), "{counts:?}");
+    }
+
+    #[test]
+    fn no_endpoints_is_an_error() {
+        let rr = RoundRobin::new(FixedEndpointer::<u8>::new(vec![]));
+        for _ in 0..3 {
+            match rr.endpoint() {
+                Err(Error::NoEndpoints { last_error: None }) => {}
+                other => panic!("expected NoEndpoints, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn threads_start_at_different_endpoints_and_stay_even() {
+        let rr = Arc::new(RoundRobin::new(FixedEndpointer::new(vec![0, 1, 2, 3])));
+        assert_eq!(rr.endpoint().unwrap(), 0);
+        let (first, counts) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let first = rr.endpoint().unwrap();
+                let mut counts = HashMap::new();
+                for _ in 0..400 {
+                    *counts.entry(rr.endpoint().unwrap()).or_insert(0) += 1;
+                }
+                (first, counts)
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(first, 1, "the second thread starts on the second endpoint");
+        assert!(counts.values().all(|&c| c == 100), "{counts:?}");
+    }
+
+    #[test]
+    fn debug_shows_the_set_size() {
+        let rr = RoundRobin::new(FixedEndpointer::new(vec![1, 2, 3]));
+        let s = format!("{rr:?}");
+        assert!(
+            s.contains("RoundRobin") && s.contains("endpoints: 3"),
+            "{s}"
+        );
+    }
+}

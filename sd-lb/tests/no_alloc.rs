@@ -1,0 +1,145 @@
+//! Picks and a retry whose first attempt succeeds allocate nothing, checked with a counting
+//! global allocator (its own test binary, so the counter sees only this file's code; counts are
+//! per thread, so tests running in parallel don't disturb each other).
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::Duration;
+
+use common::Instances;
+use futures::FutureExt;
+use sd_core::{Balancer, FixedEndpointer};
+use sd_lb::{P2c, Random, Retry, RoundRobin};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    // `try_with`: the allocator also runs while a thread's locals are torn down.
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_one();
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// How many allocations `f` makes on this thread.
+fn allocations<R>(f: impl FnOnce() -> R) -> (usize, R) {
+    let before = ALLOCATIONS.with(Cell::get);
+    let r = f();
+    (ALLOCATIONS.with(Cell::get) - before, r)
+}
+
+fn picks_allocate_nothing<B: Balancer>(balancer: &B) {
+    // The first pick of a thread makes its slot and caches the snapshot.
+    drop(balancer.endpoint().unwrap());
+    let (n, ()) = allocations(|| {
+        for _ in 0..1000 {
+            drop(std::hint::black_box(balancer.endpoint().unwrap()));
+        }
+    });
+    assert_eq!(
+        n,
+        0,
+        "{n} allocations in 1000 picks by {}",
+        std::any::type_name::<B>()
+    );
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    let (n, v) = allocations(|| vec![1u8; 16]);
+    assert_eq!((n, v.len()), (1, 16));
+}
+
+#[test]
+fn picks_from_a_fixed_list_allocate_nothing() {
+    let list = || FixedEndpointer::new((0..100u64).collect());
+    picks_allocate_nothing(&RoundRobin::new(list()));
+    picks_allocate_nothing(&Random::new(list()));
+    picks_allocate_nothing(&Random::with_seed(list(), 1));
+    picks_allocate_nothing(&P2c::new(list()));
+}
+
+#[test]
+fn picks_from_a_live_endpointer_allocate_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let instances = Instances::new((0..100).map(|i| i.to_string()));
+    let endpointer = std::sync::Arc::new(rt.block_on(instances.numbers()));
+    picks_allocate_nothing(&RoundRobin::new(endpointer.clone()));
+    picks_allocate_nothing(&Random::new(endpointer.clone()));
+    picks_allocate_nothing(&P2c::new(endpointer));
+}
+
+#[test]
+fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
+    let rr = RoundRobin::new(FixedEndpointer::new((0..10u64).collect()));
+    let retry = Retry::new(rr, 3, Duration::from_secs(1)).unwrap();
+    let p2c = P2c::new(FixedEndpointer::new((0..10u64).collect()));
+    let retry_p2c = Retry::new(p2c, 3, Duration::from_secs(1)).unwrap();
+    let call = || {
+        retry
+            .call(|e| async move { Ok::<_, String>(e) })
+            .now_or_never()
+    };
+    let call_p2c = || {
+        retry_p2c
+            .call(|e| async move { Ok::<_, String>(*e) })
+            .now_or_never()
+    };
+    call();
+    call_p2c();
+    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
+    assert_eq!((n, r), (0, 4500));
+    let (n, r) = allocations(|| (0..1000).map(|_| call_p2c().unwrap().unwrap()).sum::<u64>());
+    assert_eq!(n, 0, "sum {r}");
+}
+
+#[test]
+fn a_failed_attempt_allocates_its_error_list() {
+    // The other side of the check above: the error list is made on the first failure.
+    let rr = RoundRobin::new(FixedEndpointer::new(vec![1u64]));
+    let retry = Retry::new(rr, 2, Duration::from_secs(1)).unwrap();
+    let mut first = true;
+    let call = || {
+        retry
+            .call(|e| {
+                let fail = std::mem::replace(&mut first, false);
+                async move {
+                    if fail {
+                        Err("flaky")
+                    } else {
+                        Ok(e)
+                    }
+                }
+            })
+            .now_or_never()
+    };
+    let (n, r) = allocations(call);
+    assert_eq!(r.unwrap().unwrap(), 1);
+    assert!(n >= 1, "the first failure allocates the error list");
+}
