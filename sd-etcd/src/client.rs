@@ -89,7 +89,9 @@ impl WatchEvent {
 pub struct WatchBatch {
     /// The events, in revision order.
     pub events: Vec<WatchEvent>,
-    /// The store revision in the response header (0 in canceled responses).
+    /// The store revision in the response header (0 in canceled responses). Not a resume
+    /// point: etcd 3.4 answers a progress request with its current revision even while events
+    /// of a watch that is catching up are still queued; resume after the last event's revision.
     pub header_revision: i64,
     /// etcd ended this watch; no more events follow on it.
     pub canceled: bool,
@@ -100,6 +102,17 @@ pub struct WatchBatch {
 }
 
 /// A stream of watch responses; it ends (or yields an `Err`) when the watch breaks.
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_etcd::{WatchBatch, WatchStream};
+///
+/// let mut s: WatchStream = futures::stream::iter([Ok(WatchBatch::default())]).boxed();
+/// # futures::executor::block_on(async {
+/// assert!(s.next().await.unwrap().unwrap().events.is_empty());
+/// assert!(s.next().await.is_none());
+/// # });
+/// ```
 pub type WatchStream = BoxStream<'static, Result<WatchBatch, Error>>;
 
 /// The etcd operations the registrar and instancer use: revision-aware, holding no lease state,

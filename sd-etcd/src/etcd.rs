@@ -120,10 +120,23 @@ fn classify(op: &'static str, e: etcd_client::Error, lease: Option<i64>) -> Erro
 /// A hint for the most common connection failures.
 fn hint(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
-    if r.contains("certificate") || r.contains("tls") || r.contains("handshake") {
+    // The server's alert when a client certificate is missing or not trusted (which one
+    // arrives, or a bare "connection closed", depends on timing and TLS version).
+    if r.contains("badcertificate")
+        || r.contains("bad certificate")
+        || r.contains("certificaterequired")
+        || r.contains("certificate required")
+    {
+        " (etcd rejected the client certificate or requires one: give one signed by a CA etcd \
+         trusts with ClientOptions::with_client_cert_files)"
+    } else if r.contains("certificate") || r.contains("tls") || r.contains("handshake") {
         " (TLS failed: check the CA certificate given to ClientOptions::with_ca_file, the client \
          certificate, and that the endpoints are https://)"
-    } else if r.contains("connection closed") || r.contains("canceled") {
+    } else if r.contains("connection closed")
+        || r.contains("canceled")
+        || r.contains("broken pipe")
+        || r.contains("connection reset")
+    {
         " (the server closed the connection: if it requires client certificates, give one with \
          ClientOptions::with_client_cert_files; check the endpoint's scheme, http:// or https://)"
     } else if r.contains("refused") {
@@ -769,5 +782,23 @@ impl Client for EtcdClient {
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hint;
+
+    #[test]
+    fn hints_say_what_to_do() {
+        let no_client_cert = "transport error: received fatal alert: BadCertificate";
+        assert!(hint(no_client_cert).contains("with_client_cert_files"));
+        assert!(hint("connection closed").contains("with_client_cert_files"));
+        let closed_mid_handshake = "transport error: stream closed because of a broken pipe";
+        assert!(hint(closed_mid_handshake).contains("with_client_cert_files"));
+        let wrong_ca = "invalid peer certificate: UnknownIssuer";
+        assert!(hint(wrong_ca).contains("with_ca_file"));
+        assert!(hint("tcp connect error: Connection refused").contains("is etcd running"));
+        assert_eq!(hint("something else"), "");
     }
 }

@@ -156,8 +156,14 @@ impl<C: Client> Watcher<C> {
     }
 
     /// Applies one watch response. Events at or below the known revision were already applied
-    /// (a resumed watch never repeats them, but be sure); a progress notification (no events)
-    /// tells that everything up to its header revision was sent.
+    /// (a resumed watch never repeats them, but be sure).
+    ///
+    /// The resume revision comes from events (and re-reads) only, never from a header: etcd 3.4
+    /// answers a progress request with the store's *current* revision even while a watch that
+    /// is catching up (resumed far behind: at most 1000 revisions per response, one round every
+    /// 100 ms) still has older events queued (etcd issue 15220, fixed in later releases).
+    /// Trusting that revision skipped those events: measured here, 2000 of 8000 changes lost.
+    /// The price of ignoring it is a re-read when a quiet prefix's revision gets compacted.
     fn apply(&mut self, batch: WatchBatch) {
         let base = self.rev;
         let mut last = base;
@@ -174,9 +180,6 @@ impl<C: Client> Watcher<C> {
                     self.state.remove(&key);
                 }
             }
-        }
-        if last == base && batch.header_revision > last {
-            last = batch.header_revision;
         }
         self.rev = last;
         self.publish();
@@ -478,6 +481,37 @@ mod tests {
         assert!(opens.load(Ordering::SeqCst) >= 4);
     }
 
+    /// Paused time: the gaps between attempts are exactly the backoffs chosen.
+    #[tokio::test(start_paused = true)]
+    async fn failing_reconnects_back_off_exponentially_with_jitter() {
+        let mut mock = MockClient::new();
+        mock.expect_get_prefix().returning(|_| Ok((vec![], 2)));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        mock.expect_watch_prefix().returning(move |_, _| {
+            c.lock().unwrap().push(tokio::time::Instant::now());
+            Err(Error::Watch("connection refused".into()))
+        });
+        let _inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let calls = calls.lock().unwrap().clone();
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() >= 8, "{gaps:?}");
+        for (k, gap) in gaps.iter().enumerate() {
+            let full = Duration::from_millis(100 * (1 << (k + 1).min(16))).min(MAX_BACKOFF);
+            assert!(
+                *gap >= full / 2 && *gap <= full,
+                "gap {k} is {gap:?}, not within [{:?}, {full:?}]: {gaps:?}",
+                full / 2
+            );
+        }
+        let capped = &gaps[5..];
+        assert!(
+            capped.iter().any(|g| *g != capped[0]),
+            "no jitter: {gaps:?}"
+        );
+    }
+
     #[tokio::test]
     async fn cancel_reason_takes_the_error_path_and_reopens() {
         let mut mock = MockClient::new();
@@ -515,22 +549,33 @@ mod tests {
         assert!(saw_error);
     }
 
+    /// etcd 3.4 answers a progress request with its current revision even while a catching-up
+    /// watch still has older events queued: those events must still be applied, and a watch
+    /// that breaks resumes after the last *event*, not after the progress revision.
     #[tokio::test]
-    async fn progress_notifications_advance_the_resume_revision() {
+    async fn progress_revision_neither_skips_queued_events_nor_moves_the_resume_revision() {
         let mut mock = MockClient::new();
         mock.expect_get_prefix().returning(|_| Ok((vec![], 2)));
         let starts = Arc::new(Mutex::new(Vec::new()));
         let st = starts.clone();
         mock.expect_watch_prefix().returning(move |_, rev| {
             st.lock().unwrap().push(rev);
-            Ok(if rev == 3 {
-                ending(vec![events(vec![], 40), Err(Error::Watch("hung".into()))])
-            } else {
-                stream_of(vec![])
+            Ok(match rev {
+                3 => ending(vec![
+                    events(vec![put("/svc/a", "a:1", 5)], 40),
+                    // Progress at the store's revision, then events the watch had queued.
+                    events(vec![], 40),
+                    events(vec![put("/svc/b", "b:1", 20)], 40),
+                    events(vec![], 40),
+                    Err(Error::Watch("hung".into())),
+                ]),
+                21 => stream_of(vec![events(vec![put("/svc/c", "c:1", 30)], 40)]),
+                _ => stream_of(vec![]),
             })
         });
-        let _inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(*starts.lock().unwrap(), vec![3, 41]);
+        let inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
+        let mut s = inst.subscribe();
+        wait_for(&mut s, Event::from_instances(["a:1", "b:1", "c:1"])).await;
+        assert_eq!(*starts.lock().unwrap(), vec![3, 21]);
     }
 }

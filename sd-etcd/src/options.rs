@@ -11,6 +11,14 @@ use crate::Error;
 
 /// The shortest HTTP/2 ping interval we use: etcd's `--grpc-keepalive-min-time` defaults to 5 s,
 /// and a client that pings more often gets a GOAWAY that kills every idle watch.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_etcd::{ClientOptions, MIN_KEEP_ALIVE_INTERVAL};
+///
+/// let opts = ClientOptions::new().with_keep_alive_interval(Duration::from_secs(2));
+/// assert_eq!(opts.keep_alive_interval(), MIN_KEEP_ALIVE_INTERVAL);
+/// ```
 pub const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where a PEM comes from.

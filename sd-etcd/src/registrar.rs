@@ -187,10 +187,23 @@ impl<C: Client> EtcdRegistrar<C> {
         self.check()?;
         let _op = self.op.lock().await;
         let shared = &self.shared;
+        let svc = &shared.service;
         if *lock(&shared.registered) {
+            // Still registered, but a failed deregister() may have stopped the heartbeat
+            // already: keep the key alive again (a lease lost meanwhile is re-granted).
+            if let Some(ttl) = svc.ttl {
+                let mut task = lock(&self.task);
+                if task.as_ref().map_or(true, JoinHandle::is_finished) {
+                    let secs = ttl_secs(ttl.ttl());
+                    *task = Some(tokio::spawn(heartbeat(
+                        shared.clone(),
+                        ttl.heartbeat(),
+                        secs,
+                    )));
+                }
+            }
             return Ok(());
         }
-        let svc = &shared.service;
         match svc.ttl {
             None => {
                 shared.client.put(&svc.key, &svc.value, None).await?;
@@ -249,17 +262,25 @@ async fn grant_and_put<C: Client>(
     heartbeat: Duration,
 ) -> Result<i64, Error> {
     let (lease, granted) = shared.client.grant(secs).await?;
-    if granted > 0 && Duration::from_secs(granted.unsigned_abs()) <= heartbeat {
+    // Recorded at once: a registrar stopped between the grant and the put (deregister() aborts
+    // a heartbeat re-granting a lost lease; drop does too) must still delete its key from, and
+    // revoke, this lease, not the one it replaces.
+    let previous = lock(&shared.lease).replace(lease);
+    let failed = |e: Error| async move {
         let _ = shared.client.revoke(lease).await;
-        return Err(Error::InvalidTtl(format!(
+        *lock(&shared.lease) = previous;
+        Err(e)
+    };
+    if granted > 0 && Duration::from_secs(granted.unsigned_abs()) <= heartbeat {
+        return failed(Error::InvalidTtl(format!(
             "etcd granted a TTL of {granted}s, not above the heartbeat {heartbeat:?}: \
              use a longer TTL"
-        )));
+        )))
+        .await;
     }
     let svc = &shared.service;
     if let Err(e) = shared.client.put(&svc.key, &svc.value, Some(lease)).await {
-        let _ = shared.client.revoke(lease).await;
-        return Err(e);
+        return failed(e).await;
     }
     Ok(lease)
 }
@@ -364,12 +385,10 @@ impl<C: Client> Drop for EtcdRegistrar<C> {
         if !self.revoke_on_drop {
             return;
         }
+        // A lease without a registration is one a canceled register() granted: revoke it too.
         let Some(lease) = self.shared.lease() else {
             return;
         };
-        if !*lock(&self.shared.registered) {
-            return;
-        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let shared = self.shared.clone();
             rt.spawn(async move {
@@ -457,7 +476,8 @@ mod tests {
         assert!(!r.state().is_registered());
     }
 
-    #[tokio::test]
+    // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
+    #[tokio::test(start_paused = true)]
     async fn lost_lease_is_regranted_and_key_put_again() {
         let mut mock = MockClient::new();
         let next_lease = Arc::new(AtomicI64::new(1));
@@ -490,7 +510,8 @@ mod tests {
         r.deregister().await.unwrap();
     }
 
-    #[tokio::test]
+    // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
+    #[tokio::test(start_paused = true)]
     async fn failing_heartbeat_reports_retrying_then_recovers() {
         let mut mock = MockClient::new();
         mock.expect_grant().returning(|ttl| Ok((5, ttl)));
@@ -535,6 +556,123 @@ mod tests {
             .returning(|_| Ok(()));
         let r = EtcdRegistrar::new(mock, svc(true));
         r.register().await.unwrap();
+        r.deregister().await.unwrap();
+        assert_eq!(r.lease(), None);
+    }
+
+    // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
+    #[tokio::test(start_paused = true)]
+    async fn register_after_a_failed_deregister_heartbeats_again() {
+        let mut mock = MockClient::new();
+        mock.expect_grant().times(1).returning(|ttl| Ok((5, ttl)));
+        mock.expect_put().times(1).returning(|_, _, _| Ok(()));
+        let beats = Arc::new(AtomicUsize::new(0));
+        let b = beats.clone();
+        mock.expect_keep_alive().returning(move |_| {
+            b.fetch_add(1, Ordering::SeqCst);
+            Ok(2)
+        });
+        let deletes = Arc::new(AtomicUsize::new(0));
+        let d = deletes.clone();
+        mock.expect_delete_if_lease().returning(move |_, _| {
+            if d.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(Error::Watch("unavailable".into()))
+            } else {
+                Ok(true)
+            }
+        });
+        mock.expect_revoke().times(1).returning(|_| Ok(()));
+        let r = EtcdRegistrar::new(mock, svc(true));
+        r.register().await.unwrap();
+        assert!(r.deregister().await.is_err());
+        // The key is still there, on lease 5: registering again must keep it alive again.
+        r.register().await.unwrap();
+        let before = beats.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert!(
+            beats.load(Ordering::SeqCst) > before,
+            "no heartbeat after register() following a failed deregister()"
+        );
+        r.deregister().await.unwrap();
+        assert_eq!(r.lease(), None);
+    }
+
+    /// A client whose `put` on one lease never answers (mockall's answers are synchronous, so
+    /// it cannot leave a call in flight by itself).
+    struct StalledPut {
+        inner: MockClient,
+        lease: i64,
+        entered: Arc<tokio::sync::Notify>,
+    }
+
+    #[async_trait]
+    impl Client for StalledPut {
+        async fn get_prefix(&self, p: &str) -> Result<(Vec<crate::KeyValue>, i64), Error> {
+            self.inner.get_prefix(p).await
+        }
+        async fn watch_prefix(&self, p: &str, rev: i64) -> Result<crate::WatchStream, Error> {
+            self.inner.watch_prefix(p, rev).await
+        }
+        async fn grant(&self, ttl: i64) -> Result<(i64, i64), Error> {
+            self.inner.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: i64) -> Result<i64, Error> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<(), Error> {
+            if lease == Some(self.lease) {
+                self.entered.notify_one();
+                std::future::pending::<()>().await;
+            }
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error> {
+            self.inner.delete_if_lease(key, lease).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), Error> {
+            self.inner.delete(key).await
+        }
+        async fn revoke(&self, lease: i64) -> Result<(), Error> {
+            self.inner.revoke(lease).await
+        }
+    }
+
+    /// deregister() while the heartbeat re-grants a lost lease (granted, key not yet put):
+    /// the new lease is the one revoked, so neither it nor the key outlives the registrar.
+    #[tokio::test]
+    async fn deregister_during_a_regrant_revokes_the_new_lease() {
+        let mut mock = MockClient::new();
+        let next = Arc::new(AtomicI64::new(1));
+        let n = next.clone();
+        mock.expect_grant()
+            .times(2)
+            .returning(move |ttl| Ok((n.fetch_add(1, Ordering::SeqCst), ttl)));
+        mock.expect_put()
+            .withf(|_, _, l| *l == Some(1))
+            .times(1)
+            .returning(|_, _, _| Ok(()));
+        mock.expect_keep_alive()
+            .withf(|l| *l == 1)
+            .returning(|_| Ok(0));
+        mock.expect_delete_if_lease()
+            .withf(|_, l| *l == 2)
+            .times(1)
+            .returning(|_, _| Ok(true));
+        mock.expect_revoke()
+            .withf(|l| *l == 2)
+            .times(1)
+            .returning(|_| Ok(()));
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let client = StalledPut {
+            inner: mock,
+            lease: 2,
+            entered: entered.clone(),
+        };
+        let r = EtcdRegistrar::new(client, svc(true));
+        r.register().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), entered.notified())
+            .await
+            .expect("the heartbeat re-grants the lost lease");
         r.deregister().await.unwrap();
         assert_eq!(r.lease(), None);
     }

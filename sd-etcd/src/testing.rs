@@ -117,6 +117,17 @@ impl ServerOptions {
 }
 
 /// Certificates and keys generated for a TLS test server, as PEM files.
+///
+/// ```no_run
+/// # async fn run() {
+/// use sd_etcd::testing::{EtcdServer, ServerOptions};
+/// let etcd = EtcdServer::start_with(ServerOptions::new().with_tls()).await;
+/// let tls = etcd.tls().expect("started with TLS");
+/// let options = sd_etcd::ClientOptions::new()
+///     .with_ca_file(&tls.ca)
+///     .with_client_cert_files(&tls.client_cert, &tls.client_key);
+/// # let _ = options; }
+/// ```
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     /// The CA that signed the server and client certificates.

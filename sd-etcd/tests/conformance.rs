@@ -1,12 +1,13 @@
 //! The sd-core conformance kit against a real etcd: one etcd per case (cases run in parallel,
 //! and the break/heal case kills its etcd).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sd_core::{Error, Instancer, Registrar, Service, TtlOption};
 use sd_etcd::testing::EtcdServer;
-use sd_etcd::{EtcdClient, EtcdInstancer, EtcdRegistrar};
+use sd_etcd::{Client, EtcdClient, EtcdInstancer, EtcdRegistrar};
 
 struct EtcdHarness {
     server: tokio::sync::Mutex<EtcdServer>,
@@ -123,8 +124,42 @@ async fn etcd_watchers(endpoint: &str) -> u64 {
 }
 
 async fn leases(etcd: &EtcdServer) -> usize {
+    lease_ids(etcd).await.len()
+}
+
+async fn lease_ids(etcd: &EtcdServer) -> Vec<i64> {
     let mut raw = etcd.raw_client().await;
-    raw.leases().await.unwrap().leases().len()
+    raw.leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .collect()
+}
+
+/// How many TCP connections this process has open to `port` on loopback: the sockets among
+/// our file descriptors that /proc/net/tcp shows established to that port.
+fn connections_to(port: u16) -> usize {
+    let ours: BTreeSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = f[2].rsplit(':').next().unwrap();
+            u16::from_str_radix(remote_port, 16).unwrap() == port
+                && f[3] == "01"
+                && ours.contains(f[9])
+        })
+        .count()
 }
 
 async fn until<F, Fut>(what: &str, mut f: F)
@@ -144,7 +179,15 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_leaks_in_etcd() {
     let etcd = EtcdServer::start().await;
+    let port: u16 = etcd.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let base_tasks = tasks();
     let client = etcd.client().await;
+    assert!(connections_to(port) > 0, "the connection check sees ours");
     let ep = etcd.endpoint();
     let base = etcd_watchers(&ep).await;
     let ttl = TtlOption::new(Duration::from_millis(500), Duration::from_secs(2)).unwrap();
@@ -187,8 +230,19 @@ async fn nothing_leaks_in_etcd() {
         );
         a.deregister().await.unwrap();
         b.deregister().await.unwrap();
+        let (c_lease, d_lease) = (c.lease().unwrap(), d.lease().unwrap());
         drop(c);
         d.abandon();
+        // The dropped registrar's lease is revoked, not left to expire: it is gone while the
+        // abandoned one's (kept alive until just now, TTL 2 s) still lives.
+        until("dropped registrar's lease revoked", || async {
+            !lease_ids(&etcd).await.contains(&c_lease)
+        })
+        .await;
+        assert!(
+            lease_ids(&etcd).await.contains(&d_lease),
+            "the dropped registrar's lease expired instead of being revoked"
+        );
         instancers[0].stop();
         drop(instancers);
         until("watches closed", || async {
@@ -200,4 +254,112 @@ async fn nothing_leaks_in_etcd() {
         })
         .await;
     }
+    // Dropping the client closes its connections, and no task of ours outlives it.
+    drop(client);
+    until("connections closed", || async { connections_to(port) == 0 }).await;
+    until("tasks ended", || async { tasks() <= base_tasks }).await;
+}
+
+/// One client shared by ten registrars and two instancers, all working at once: registrations
+/// and deregistrations run concurrently on the client the watches use, the watches keep
+/// delivering, every registrar keeps a lease of its own alive past its TTL. (go-kit's client
+/// holds one lease, and a `Register()` on it silently kills that client's watch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_shared_by_many_registrars_and_instancers() {
+    use sd_core::testkit::eventually_instances;
+    use std::sync::Arc;
+    const TIMEOUT: Duration = Duration::from_secs(15);
+
+    let etcd = EtcdServer::start().await;
+    let client = etcd.client().await;
+    let prefix = "/shared/svc/";
+    let ttl = TtlOption::new(Duration::from_millis(500), Duration::from_secs(2)).unwrap();
+    let names: Vec<String> = (0..10).map(|i| format!("127.0.0.1:{}", 9100 + i)).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let instancers = [
+        EtcdInstancer::new(client.clone(), prefix).await.unwrap(),
+        EtcdInstancer::new(client.clone(), prefix).await.unwrap(),
+    ];
+    let mut streams: Vec<_> = instancers.iter().map(|i| i.subscribe()).collect();
+    let regs: Vec<Arc<EtcdRegistrar>> = names
+        .iter()
+        .map(|inst| {
+            Arc::new(EtcdRegistrar::new(
+                client.clone(),
+                Service::new(format!("{prefix}{inst}"), inst.as_str())
+                    .unwrap()
+                    .with_ttl(ttl),
+            ))
+        })
+        .collect();
+
+    // Runs `f` on every registrar selected by `pick`, each in a task of its own, at once.
+    async fn on_all(regs: &[Arc<EtcdRegistrar>], pick: impl Fn(usize) -> bool, register: bool) {
+        let tasks: Vec<_> = regs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pick(*i))
+            .map(|(i, r)| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let res = if register {
+                        r.register().await
+                    } else {
+                        r.deregister().await
+                    };
+                    res.unwrap_or_else(|e| panic!("registrar {i}: {e}"));
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    async fn both_see(streams: &mut [sd_core::EventStream], want: &[&str]) {
+        for s in streams.iter_mut() {
+            eventually_instances(s, TIMEOUT, want).await;
+        }
+    }
+
+    on_all(&regs, |_| true, true).await;
+    both_see(&mut streams, &all).await;
+    let lease_ids: BTreeSet<i64> = regs.iter().filter_map(|r| r.lease()).collect();
+    assert_eq!(lease_ids.len(), 10, "each registrar owns a lease");
+
+    // Half deregister while the other half registers again (a no-op) and a plain key is put.
+    let odd = |i: usize| i % 2 == 1;
+    let plain = format!("{prefix}plain");
+    let (_, _, put) = tokio::join!(
+        on_all(&regs, odd, false),
+        on_all(&regs, |i| !odd(i), true),
+        client.put(&plain, "127.0.0.1:9999", None),
+    );
+    put.unwrap();
+    let mut want: Vec<&str> = all.iter().step_by(2).copied().collect();
+    want.push("127.0.0.1:9999");
+    both_see(&mut streams, &want).await;
+
+    // The deregistered half comes back while the plain key goes.
+    let (_, del) = tokio::join!(on_all(&regs, odd, true), client.delete(&plain),);
+    del.unwrap();
+    both_see(&mut streams, &all).await;
+
+    // Past the TTL, every lease is still kept alive and the watches still deliver.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (kvs, _) = client.get_prefix(prefix).await.unwrap();
+    assert_eq!(kvs.len(), 10, "registrations expired: {kvs:?}");
+    for r in &regs {
+        assert!(r.state().is_registered(), "{:?}", r.state());
+    }
+    client
+        .put(&format!("{prefix}late"), "127.0.0.1:9998", None)
+        .await
+        .unwrap();
+    let mut with_late = all.clone();
+    with_late.push("127.0.0.1:9998");
+    both_see(&mut streams, &with_late).await;
+
+    on_all(&regs, |_| true, false).await;
+    both_see(&mut streams, &["127.0.0.1:9998"]).await;
+    assert_eq!(leases(&etcd).await, 0, "every lease revoked");
 }

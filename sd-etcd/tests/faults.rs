@@ -307,8 +307,28 @@ async fn hung_etcd_is_noticed_and_recovered() {
     let instancer = EtcdInstancer::new(client.clone(), prefix).await.unwrap();
     let mut events = instancer.subscribe();
     eventually_instances(&mut events, TIMEOUT, &["127.0.0.1:5000"]).await;
+    let (_, rev) = client.get_prefix(prefix).await.unwrap();
+    let mut watch = client.watch_prefix(prefix, rev + 1).await.unwrap();
     etcd.pause();
     let start = Instant::now();
+    // The watch itself ends with an error once a progress request goes unanswered (~2 s),
+    // long before HTTP/2 pings (every 10 s) could notice.
+    let broke = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match watch.next().await {
+                Some(Ok(batch)) => assert!(batch.events.is_empty(), "{batch:?}"),
+                Some(Err(e)) => return e,
+                None => panic!("the watch ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("a hung node's watch must break");
+    let watch_noticed = start.elapsed();
+    assert!(
+        watch_noticed < Duration::from_secs(4),
+        "hung node noticed by the watch after {watch_noticed:?}: {broke}"
+    );
     eventually(&mut events, TIMEOUT, "an error event", |ev| {
         ev.error().is_some()
     })
@@ -357,4 +377,65 @@ async fn idle_watch_survives_keep_alive_policy() {
     .await
     .expect("the event on the same stream");
     assert_eq!(batch.events[0].key(), "/idle/a");
+}
+
+/// A watch resumed far behind the store catches up in several responses (etcd sends at most
+/// 1000 revisions per response, one round every 100 ms), and etcd 3.4 answers a progress
+/// request with the *current* revision even while older events are still queued. Taking that
+/// revision as "seen" would skip the queued events: after the catch-up, every change made while
+/// the instancer was cut off must be in its set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumed_far_behind_misses_nothing() {
+    let etcd = EtcdServer::start().await;
+    let proxy = TcpProxy::start(&etcd.endpoint()).await;
+    let watched = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
+        .await
+        .unwrap();
+    let direct = etcd.client().await;
+    let prefix = "/faults/behind/";
+    let instancer = EtcdInstancer::new(watched, prefix).await.unwrap();
+    let mut events = instancer.subscribe();
+    eventually_instances(&mut events, TIMEOUT, &[]).await;
+
+    proxy.cut();
+    eventually(&mut events, TIMEOUT, "an error event", |ev| {
+        ev.error().is_some()
+    })
+    .await;
+    let all: Vec<String> = (0..8000)
+        .map(|i| format!("10.1.{}.{}:80", i / 250, i % 250))
+        .collect();
+    futures::stream::iter(all.iter().enumerate())
+        .map(|(i, inst)| {
+            let direct = direct.clone();
+            async move {
+                direct
+                    .put(&format!("{prefix}k{i:05}"), inst, None)
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    proxy.heal();
+
+    let want: Vec<&str> = all.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let mut last = None;
+    let r = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = events.next().await {
+            if ev == Event::from_instances(want.iter().copied()) {
+                return;
+            }
+            last = ev.instances().map(|i| i.len());
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok(),
+        "after {:?}, the instancer holds {last:?} of {} instances",
+        start.elapsed(),
+        all.len()
+    );
 }

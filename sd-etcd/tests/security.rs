@@ -67,6 +67,10 @@ async fn tls_with_client_certificates() {
     let err = connect_err(etcd.endpoints(), no_cert).await;
     eprintln!("no client certificate: {err}");
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("with_client_cert_files"),
+        "says what to do: {err}"
+    );
 
     // A missing certificate file is named, before any network traffic.
     let missing = tls.ca.with_file_name("no-such-ca.pem");
@@ -120,13 +124,28 @@ async fn auth_right_and_wrong_password() {
     let mut events = instancer.subscribe();
     eventually_instances(&mut events, TIMEOUT, &["127.0.0.1:7000"]).await;
 
-    // After a restart every old token is invalid: calls and the watch refresh theirs.
+    // After a restart. The change comes from another client, so the instancer must recover
+    // by itself: no unary call of its client refreshes the shared token first.
     etcd.restart().await;
-    client
+    let other = EtcdClient::connect(etcd.endpoints(), etcd.client_options())
+        .await
+        .unwrap();
+    other
         .put(&format!("{prefix}b"), "127.0.0.1:7001", None)
         .await
         .unwrap();
     eventually_instances(&mut events, TIMEOUT, &["127.0.0.1:7000", "127.0.0.1:7001"]).await;
+    // And the first client's calls refresh theirs.
+    client
+        .put(&format!("{prefix}c"), "127.0.0.1:7002", None)
+        .await
+        .unwrap();
+    eventually_instances(
+        &mut events,
+        TIMEOUT,
+        &["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,6 +172,7 @@ async fn unreachable_endpoint_is_named() {
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     assert!(msg.contains(&endpoint), "{msg}");
     assert!(msg.contains("1s"), "{msg}");
+    assert!(msg.contains("is etcd running"), "says what to check: {msg}");
 }
 
 /// Of several endpoints, one unreachable: connecting succeeds on the live one, calls never
