@@ -582,7 +582,13 @@ fn watch_stream(st: WatchState) -> WatchStream {
                             let b = batch_of(&resp);
                             if b.canceled {
                                 st.done = true;
-                                if b.cancel_reason.contains("auth") || b.cancel_reason.contains("token") {
+                                let reason = &b.cancel_reason;
+                                // etcd 3.4 cancels a watch whose token expired with "permission
+                                // denied", later versions name the token.
+                                if reason.contains("auth")
+                                    || reason.contains("token")
+                                    || reason.contains("permission denied")
+                                {
                                     // etcd-client does not refresh tokens for watches.
                                     if let Err(e) = st.client.refresh_token().await {
                                         tracing::warn!(error = %e, "refreshing the etcd auth token failed");

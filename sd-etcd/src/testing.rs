@@ -369,18 +369,34 @@ fn spawn(mut cmd: Command) -> io::Result<Child> {
 }
 
 /// A port no other node of this process got, free right now.
+///
+/// Ports come from below the kernel's ephemeral range: a port in that range can be taken at any
+/// moment by an outgoing connection's local end (etcd's own clients included), which would make
+/// etcd's listen, or a restart on the same port, fail with "address already in use".
 fn next_port() -> u16 {
-    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
-    let next = NEXT.get_or_init(|| AtomicU32::new(20_000 + fastrand::u32(0..20_000)));
+    const LOW: u32 = 10_000;
+    static NEXT: OnceLock<(AtomicU32, u32)> = OnceLock::new();
+    let (next, high) = NEXT.get_or_init(|| {
+        let high = ephemeral_low().clamp(LOW + 1_000, 65_535);
+        (AtomicU32::new(LOW + fastrand::u32(0..high - LOW)), high)
+    });
     loop {
         let p = next.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (p - 20_000) % 40_000;
+        let port = LOW + (p - LOW) % (high - LOW);
         if let Ok(port) = u16::try_from(port) {
             if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
                 return port;
             }
         }
     }
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default when it can't be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 fn etcd_bin() -> String {
