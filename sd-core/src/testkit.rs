@@ -6,7 +6,7 @@
 //! same kit runs against an in-process store and a real etcd. Each case works under its own
 //! fresh prefix, so cases may run in parallel against one store.
 //!
-//! ```ignore
+//! ```text
 //! struct MyHarness { /* a store */ }
 //! #[async_trait::async_trait]
 //! impl sd_core::testkit::Harness for MyHarness { /* ... */ }
