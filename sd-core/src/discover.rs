@@ -122,7 +122,9 @@ where
                 return Poll::Ready(Some(Ok(change)));
             }
             match this.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(Event::Instances(set))) => this.apply(&set),
+                Poll::Ready(Some(Event::Instances(set))) => {
+                    this.apply(&crate::event::normalized(set))
+                }
                 Poll::Ready(Some(Event::Error(err))) => {
                     tracing::warn!(error = %err, "discovery error: keeping the current services");
                 }
@@ -214,6 +216,28 @@ mod tests {
             closed.load(Ordering::SeqCst),
             3,
             "b's and c's closers ran on drop"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hand_built_unsorted_set_changes_nothing_it_still_lists() {
+        let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b", "c"])));
+        let factory =
+            |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) };
+        let mut d = discover(&inst, factory);
+        for _ in 0..3 {
+            assert!(matches!(d.next().await, Some(Ok(Change::Insert(..)))));
+        }
+        let raw: Vec<Instance> = ["c", "b", "a", "a"]
+            .into_iter()
+            .map(Instance::new)
+            .collect();
+        inst.0.publish(Event::Instances(raw.into()));
+        let change = d.next().now_or_never();
+        assert!(
+            change.is_none(),
+            "no change expected, got {:?}",
+            change.map(|c| c.map(|c| c.map(|c| key(&c))))
         );
     }
 }

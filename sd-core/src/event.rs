@@ -68,6 +68,20 @@ impl Event {
     }
 }
 
+/// `set` sorted, without duplicates or empty strings, as [`Event::from_instances`] builds it.
+/// `Event::Instances` is a public variant, so a set may arrive built by hand; consumers that
+/// binary-search or diff it normalize it first (a copy only when it needs one).
+pub(crate) fn normalized(set: Arc<[Instance]>) -> Arc<[Instance]> {
+    let clean = set.windows(2).all(|w| w[0] < w[1]) && set.iter().all(|i| !i.is_empty());
+    if clean {
+        return set;
+    }
+    let mut v: Vec<Instance> = set.iter().filter(|i| !i.is_empty()).cloned().collect();
+    v.sort_unstable();
+    v.dedup();
+    v.into()
+}
+
 impl From<Error> for Event {
     fn from(e: Error) -> Self {
         Event::Error(e)

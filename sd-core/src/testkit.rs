@@ -42,7 +42,9 @@ pub trait Harness: Send + Sync {
     async fn instancer(&self, prefix: &str) -> Result<Box<dyn Instancer>, Error>;
 
     /// Makes `registrar` stop heart-beating without deregistering, as a crashed process would.
-    /// The default drops it, which is what the backends of this workspace do on drop.
+    /// The default drops it: right for a registrar that, dropped, leaves its key to expire
+    /// (`sd-memory`'s; `sd-etcd`'s built `with_revoke_on_drop(false)`). Override it for one
+    /// that deletes or revokes on drop, or the TTL case passes without any TTL expiring.
     async fn crash(&self, registrar: Box<dyn Registrar>) {
         drop(registrar);
     }

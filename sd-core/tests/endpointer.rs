@@ -2,7 +2,7 @@
 //! good endpoints kept on errors, invalidation after a timeout, restoration on recovery.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -210,4 +210,96 @@ async fn stopped_instancer_gives_no_endpoints_with_stopped() {
         }
         other => panic!("expected NoEndpoints(Stopped), got {other:?}"),
     }
+}
+
+/// The factory is user code and runs outside the endpointer's lock: dropping the endpointer does
+/// not wait for a factory call in progress (which might be waiting on the dropping thread), and
+/// an endpoint made after the drop is closed at once, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_does_not_wait_for_a_factory_in_progress() {
+    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
+    let released = Arc::new(AtomicBool::new(false));
+    let closed_slow = Arc::new(AtomicUsize::new(0));
+    let (r, c) = (released.clone(), closed_slow.clone());
+    let factory = move |i: &Instance| -> Result<(String, Option<Closer>), Error> {
+        let slow = i.as_str() == "slow";
+        if slow {
+            let _ = entered_tx.lock().unwrap().send(());
+            let rx = release_rx.lock().unwrap();
+            r.store(
+                rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+                Ordering::SeqCst,
+            );
+        }
+        let c = c.clone();
+        let closer: Closer = Box::new(move || {
+            if slow {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Ok((i.to_string(), Some(closer)))
+    };
+    let e = DefaultEndpointer::new(&inst, factory, EndpointerOptions::new()).await;
+    inst.0.publish(Event::from_instances(["a", "slow"]));
+    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the factory is called for the new instance");
+    drop(e);
+    let _ = release_tx.send(());
+    let waited = async {
+        while closed_slow.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), waited)
+        .await
+        .expect("the endpoint made after the drop is closed");
+    assert!(
+        released.load(Ordering::SeqCst),
+        "drop() waited for the factory to give up"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(closed_slow.load(Ordering::SeqCst), 1, "closed exactly once");
+}
+
+/// `Event::Instances` is a public variant: a set built by hand (unsorted, with duplicates or an
+/// empty string) must still get one endpoint per distinct instance, and none closed that is
+/// still listed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_hand_built_unsorted_set_is_handled_like_a_sorted_one() {
+    let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b", "c"])));
+    let counts = Counts::default();
+    let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
+    let raw = |v: &[&str]| -> Event {
+        Event::Instances(v.iter().map(Instance::new).collect::<Vec<_>>().into())
+    };
+    inst.0.publish(raw(&["c", "b", "a", "d", "d", ""]));
+    settle().await;
+    assert_eq!(names(&e), ["ep:a", "ep:b", "ep:c", "ep:d"]);
+    assert_eq!(
+        (counts.closed("a"), counts.closed("b"), counts.closed("c")),
+        (0, 0, 0)
+    );
+    assert_eq!(counts.made("d"), 1, "one endpoint per distinct instance");
+    assert_eq!(counts.made(""), 0, "no endpoint for an empty instance");
+}
+
+/// A timeout too long to represent never fires; it must not panic the endpointer's task.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn invalidate_on_error_with_a_huge_timeout_never_invalidates() {
+    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let counts = Counts::default();
+    let opts = EndpointerOptions::new().invalidate_on_error(Duration::MAX);
+    let e = DefaultEndpointer::new(&inst, counts.factory(), opts).await;
+    inst.0.publish(Event::Error(Error::backend_msg("down")));
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(e.endpoints().unwrap().as_ref(), ["ep:a"]);
+    inst.0.publish(Event::from_instances(["a", "b"]));
+    settle().await;
+    assert_eq!(names(&e), ["ep:a", "ep:b"], "the endpointer still follows");
 }

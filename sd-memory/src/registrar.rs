@@ -107,19 +107,22 @@ async fn heartbeat(
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let Some(lease) = lock(&inner).lease else {
+        // The whole round runs under the registrar's lock (store calls are synchronous), so a
+        // concurrent `deregister()` never interleaves with a re-grant and leaves a fresh lease
+        // and key behind.
+        let mut st = lock(&inner);
+        let Some(lease) = st.lease else {
             return;
         };
         let result = match store.keep_alive(lease) {
             Err(e) if is_lease_not_found(&e) => {
                 tracing::warn!(key = %service.key, "lease lost: registering again");
                 put_leased(&store, &service, ttl).map(|new| {
-                    lock(&inner).lease = Some(new);
+                    st.lease = Some(new);
                 })
             }
             other => other,
         };
-        let mut st = lock(&inner);
         match result {
             Ok(()) => st.state = RegistrationState::Registered,
             Err(e) => {
@@ -133,7 +136,10 @@ async fn heartbeat(
 #[async_trait]
 impl Registrar for MemoryRegistrar {
     async fn register(&self) -> Result<(), Error> {
-        if lock(&self.inner).registered {
+        // Held throughout (nothing here awaits): two concurrent calls must not both register
+        // and leave a second, unowned heartbeat task running.
+        let mut st = lock(&self.inner);
+        if st.registered {
             return Ok(());
         }
         let lease = match self.service.ttl {
@@ -143,7 +149,6 @@ impl Registrar for MemoryRegistrar {
             }
             Some(ttl) => Some(put_leased(&self.store, &self.service, ttl)?),
         };
-        let mut st = lock(&self.inner);
         st.lease = lease;
         st.registered = true;
         st.state = RegistrationState::Registered;
@@ -159,30 +164,30 @@ impl Registrar for MemoryRegistrar {
     }
 
     async fn deregister(&self) -> Result<(), Error> {
-        let lease = {
+        let (task, lease) = {
             let mut st = lock(&self.inner);
             if !st.registered {
                 return Ok(());
             }
-            if let Some(task) = st.heartbeat.take() {
-                task.abort();
-            }
-            st.lease
+            // Delete before stopping the heartbeats: if the delete fails, the registration is
+            // still whole and kept alive, and a later `deregister()` can try again.
+            match st.lease {
+                Some(lease) => self.store.delete_if_lease(&self.service.key, lease)?,
+                None => self
+                    .store
+                    .delete_if_value(&self.service.key, &self.service.value)?,
+            };
+            st.registered = false;
+            st.state = RegistrationState::Unregistered;
+            (st.heartbeat.take(), st.lease.take())
         };
-        match lease {
-            Some(lease) => {
-                self.store.delete_if_lease(&self.service.key, lease)?;
-                self.store.revoke(lease)?;
-            }
-            None => {
-                self.store
-                    .delete_if_value(&self.service.key, &self.service.value)?;
-            }
+        if let Some(task) = task {
+            task.abort();
         }
-        let mut st = lock(&self.inner);
-        st.lease = None;
-        st.registered = false;
-        st.state = RegistrationState::Unregistered;
+        if let Some(lease) = lease {
+            // The key is gone; a lease left behind by a failed revoke expires at its TTL.
+            self.store.revoke(lease)?;
+        }
         Ok(())
     }
 

@@ -267,7 +267,7 @@ impl MemoryStore {
             id,
             Lease {
                 ttl,
-                deadline: Instant::now() + ttl,
+                deadline: deadline_after(ttl),
             },
         );
         drop(state);
@@ -281,7 +281,7 @@ impl MemoryStore {
         state.check("keep_alive")?;
         match state.leases.get_mut(&lease) {
             Some(l) => {
-                l.deadline = Instant::now() + l.ttl;
+                l.deadline = deadline_after(l.ttl);
                 Ok(())
             }
             None => Err(lease_not_found(lease)),
@@ -301,7 +301,10 @@ impl MemoryStore {
         self.inner.lock().leases.contains_key(&lease)
     }
 
-    /// Makes the next `n` operations (puts, deletes, reads, grants, keep-alives, revokes) fail.
+    /// Makes the next `n` operations (puts, deletes, reads, grants, keep-alives, revokes) fail,
+    /// replacing any count still pending. They are the next `n` of any caller, a registrar's
+    /// background heartbeats included: with heartbeats running, which call fails depends on
+    /// timing (pause tokio time, or use [`set_available`](Self::set_available), to be exact).
     pub fn fail_next(&self, n: usize) {
         self.inner.lock().fail_next = n;
     }
@@ -362,6 +365,14 @@ impl MemoryStore {
         state.watchers.push(Arc::downgrade(&watcher));
         Ok(watcher)
     }
+}
+
+/// `ttl` from now; a TTL too long to represent (e.g. `Duration::MAX`) is thirty years, which is
+/// never in a test's lifetime, rather than a panic.
+fn deadline_after(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 fn lease_not_found(id: LeaseId) -> Error {

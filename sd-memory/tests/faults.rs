@@ -112,3 +112,50 @@ async fn invalid_services_are_refused() {
     assert!(MemoryRegistrar::new(&store, empty_key).is_err());
     assert!(TtlOption::new(Duration::from_millis(499), Duration::from_secs(5)).is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn failed_deregister_keeps_the_registration_alive_until_a_retry() {
+    let store = MemoryStore::new();
+    let reg = MemoryRegistrar::new(&store, leased("/svc/a/1", "127.0.0.1:1")).unwrap();
+    reg.register().await.unwrap();
+    store.fail_next(1);
+    assert!(reg.deregister().await.is_err());
+    // Still registered: heartbeats go on well past the 3 s TTL, and register() stays a no-op.
+    sleep(Duration::from_secs(10)).await;
+    assert!(reg.state().is_registered(), "state: {:?}", reg.state());
+    reg.register().await.unwrap();
+    assert_eq!(store.get_prefix("/svc/a/").unwrap().len(), 1);
+    reg.deregister().await.unwrap();
+    assert!(store.get_prefix("/svc/a/").unwrap().is_empty());
+    assert!(!reg.state().is_registered());
+}
+
+#[tokio::test(start_paused = true)]
+async fn break_watches_alone_recovers_the_unchanged_set() {
+    let store = MemoryStore::new();
+    store.put("/svc/a/1", "127.0.0.1:1").unwrap();
+    let inst = MemoryInstancer::new(&store, "/svc/a/").unwrap();
+    let mut events = inst.subscribe();
+    events.next().await;
+    store.break_watches();
+    assert!(events.next().await.unwrap().error().is_some());
+    // No write in between: the "reconnect" alone publishes the set again.
+    assert_eq!(
+        events.next().await,
+        Some(Event::from_instances(["127.0.0.1:1"]))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ttl_too_long_to_represent_does_not_panic() {
+    let store = MemoryStore::new();
+    let ttl = TtlOption::new(Duration::from_secs(1), Duration::MAX).unwrap();
+    let svc = Service::new("/svc/a/1", "127.0.0.1:1")
+        .unwrap()
+        .with_ttl(ttl);
+    let reg = MemoryRegistrar::new(&store, svc).unwrap();
+    reg.register().await.unwrap();
+    sleep(Duration::from_secs(5)).await;
+    assert!(reg.state().is_registered(), "state: {:?}", reg.state());
+    assert_eq!(store.get_prefix("/svc/a/").unwrap().len(), 1);
+}

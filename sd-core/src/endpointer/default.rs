@@ -277,15 +277,16 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         match event {
             Event::Instances(set) => {
                 self.invalidate_at = None;
-                self.update(&set);
+                self.update(&crate::event::normalized(set));
             }
             Event::Error(err) => {
                 tracing::warn!(error = %err, "discovery error: serving the last known endpoints");
                 if self.invalidate_at.is_none() && self.shared.lock().error.is_none() {
+                    // A timeout too long to represent (e.g. `Duration::MAX`) never fires.
                     self.invalidate_at = self
                         .options
                         .invalidate_on_error
-                        .map(|timeout| Instant::now() + timeout);
+                        .and_then(|timeout| Instant::now().checked_add(timeout));
                 }
                 self.shared.set_error(err);
             }
@@ -293,8 +294,40 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
     }
 
     fn update(&self, set: &[Instance]) {
+        // The factory is user code (it may block, or take locks a thread dropping the
+        // endpointer holds): call it outside our lock. Only this task adds entries, so the
+        // instances found new here are still missing when the results go in.
+        let new: Vec<Instance> = {
+            let cache = self.shared.lock();
+            if cache.closed {
+                return;
+            }
+            set.iter()
+                .filter(|i| !cache.entries.contains_key(*i))
+                .cloned()
+                .collect()
+        };
+        let made: Vec<(Instance, Entry<E>)> = new
+            .into_iter()
+            .filter_map(|instance| match self.factory.make(&instance) {
+                Ok((endpoint, closer)) => Some((
+                    instance,
+                    Entry {
+                        endpoint,
+                        _close: CloseGuard::new(closer),
+                    },
+                )),
+                Err(err) => {
+                    tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
+                    None
+                }
+            })
+            .collect();
         let mut cache = self.shared.lock();
         if cache.closed {
+            // The endpointer was dropped while the factory ran: close what it just made.
+            drop(cache);
+            drop(made);
             return;
         }
         // Instances sets are sorted (see `Event`), so membership is a binary search.
@@ -308,24 +341,8 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         for k in gone {
             removed.extend(cache.entries.remove(&k));
         }
-        for instance in set {
-            if cache.entries.contains_key(instance) {
-                continue;
-            }
-            match self.factory.make(instance) {
-                Ok((endpoint, closer)) => {
-                    cache.entries.insert(
-                        instance.clone(),
-                        Entry {
-                            endpoint,
-                            _close: CloseGuard::new(closer),
-                        },
-                    );
-                }
-                Err(err) => {
-                    tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
-                }
-            }
+        for (instance, entry) in made {
+            removed.extend(cache.entries.insert(instance, entry));
         }
         cache.error = None;
         self.shared.publish(&cache);
