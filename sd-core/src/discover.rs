@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use futures::{Stream, StreamExt};
 use tower::discover::Change;
 
-use crate::factory::CloseGuard;
+use crate::factory::{make_or_skip, CloseGuard};
 use crate::{Error, Event, EventStream, Factory, Instance, Instancer};
 
 /// A stream of [`Change`]s, keyed by instance, made from an instancer's events and a factory:
@@ -94,16 +94,11 @@ impl<S, F: Factory<S>> Discovery<S, F> {
             if self.current.contains_key(instance) {
                 continue;
             }
-            match self.factory.make(instance) {
-                Ok((service, closer)) => {
-                    self.current
-                        .insert(instance.clone(), CloseGuard::new(closer));
-                    self.pending
-                        .push_back(Change::Insert(instance.clone(), service));
-                }
-                Err(err) => {
-                    tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
-                }
+            if let Some((service, closer)) = make_or_skip(&self.factory, instance) {
+                self.current
+                    .insert(instance.clone(), CloseGuard::new(closer));
+                self.pending
+                    .push_back(Change::Insert(instance.clone(), service));
             }
         }
     }

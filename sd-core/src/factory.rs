@@ -1,5 +1,7 @@
 //! Turning an instance string into a callable endpoint.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use crate::{Error, Instance};
 
 /// Runs once when the endpoint it belongs to goes away (its instance left the set, or the
@@ -48,6 +50,25 @@ impl Drop for CloseGuard {
     fn drop(&mut self) {
         if let Some(close) = self.0.take() {
             close();
+        }
+    }
+}
+
+/// Calls `factory` for `instance`; an error or a panic skips the instance (logged), so one bad
+/// instance never takes down the task that follows the instancer.
+pub(crate) fn make_or_skip<E, F: Factory<E> + ?Sized>(
+    factory: &F,
+    instance: &Instance,
+) -> Option<(E, Option<Closer>)> {
+    match catch_unwind(AssertUnwindSafe(|| factory.make(instance))) {
+        Ok(Ok(made)) => Some(made),
+        Ok(Err(err)) => {
+            tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
+            None
+        }
+        Err(_) => {
+            tracing::error!(%instance, "factory panicked: instance skipped until the next update");
+            None
         }
     }
 }

@@ -384,7 +384,8 @@ pub async fn empty_key_or_value_is_refused<H: Harness + ?Sized>(h: &H) {
 
 /// Expands to one `#[tokio::test]` per conformance case. The argument is an expression that
 /// evaluates to a future of the harness (e.g. `async { MyHarness::new().await }`); each test
-/// builds its own.
+/// builds its own. The calling crate needs `tokio` (features `macros`, `rt-multi-thread`) among
+/// its dev-dependencies: the tests run on a two-worker multi-threaded runtime.
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {

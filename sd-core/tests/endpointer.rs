@@ -303,3 +303,24 @@ async fn invalidate_on_error_with_a_huge_timeout_never_invalidates() {
     settle().await;
     assert_eq!(names(&e), ["ep:a", "ep:b"], "the endpointer still follows");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_factory_skips_the_instance_and_keeps_following() {
+    let inst = TestInstancer(Publisher::new(Event::from_instances(["boom", "good"])));
+    let factory = |i: &Instance| -> Result<(String, Option<Closer>), Error> {
+        if i.as_str() == "boom" {
+            panic!("factory bug");
+        }
+        Ok((format!("ep:{i}"), None))
+    };
+    let e = DefaultEndpointer::new(&inst, factory, EndpointerOptions::new()).await;
+    assert_eq!(names(&e), ["ep:good"]);
+    inst.0
+        .publish(Event::from_instances(["boom", "good", "later"]));
+    settle().await;
+    assert_eq!(
+        names(&e),
+        ["ep:good", "ep:later"],
+        "the task survived the panic"
+    );
+}

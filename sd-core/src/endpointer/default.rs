@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
-use crate::factory::CloseGuard;
+use crate::factory::{make_or_skip, CloseGuard};
 use crate::{Endpointer, Error, Event, EventStream, Factory, Instance, Instancer, Snapshot};
 
 /// Options of a [`DefaultEndpointer`].
@@ -52,7 +52,13 @@ impl EndpointerOptions {
 /// of each instance that goes away (exactly once, also when the endpointer is dropped), and on an
 /// error event keeps serving the last good endpoints (see
 /// [`EndpointerOptions::invalidate_on_error`]). Updates run on a background task; reading the
-/// endpoints never waits for it.
+/// endpoints never waits for it. A factory that fails or panics for an instance skips it (logged)
+/// until the next event lists it again.
+///
+/// The endpointer does not own the instancer: keep the instancer alive as long as the
+/// endpointer. Once the instancer stops (or is dropped, which stops it), the endpointer keeps
+/// serving its last endpoints, with [`Error::Stopped`] as the current error, until
+/// `invalidate_on_error` drops them.
 ///
 /// ```
 /// use sd_core::{Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event,
@@ -309,18 +315,15 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         };
         let made: Vec<(Instance, Entry<E>)> = new
             .into_iter()
-            .filter_map(|instance| match self.factory.make(&instance) {
-                Ok((endpoint, closer)) => Some((
+            .filter_map(|instance| {
+                let (endpoint, closer) = make_or_skip(&self.factory, &instance)?;
+                Some((
                     instance,
                     Entry {
                         endpoint,
                         _close: CloseGuard::new(closer),
                     },
-                )),
-                Err(err) => {
-                    tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
-                    None
-                }
+                ))
             })
             .collect();
         let mut cache = self.shared.lock();
