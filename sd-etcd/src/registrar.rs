@@ -189,19 +189,8 @@ impl<C: Client> EtcdRegistrar<C> {
         let shared = &self.shared;
         let svc = &shared.service;
         if *lock(&shared.registered) {
-            // Still registered, but a failed deregister() may have stopped the heartbeat
-            // already: keep the key alive again (a lease lost meanwhile is re-granted).
-            if let Some(ttl) = svc.ttl {
-                let mut task = lock(&self.task);
-                if task.as_ref().map_or(true, JoinHandle::is_finished) {
-                    let secs = ttl_secs(ttl.ttl());
-                    *task = Some(tokio::spawn(heartbeat(
-                        shared.clone(),
-                        ttl.heartbeat(),
-                        secs,
-                    )));
-                }
-            }
+            // Already registered; make sure the key is kept alive.
+            self.ensure_heartbeat();
             return Ok(());
         }
         match svc.ttl {
@@ -224,6 +213,21 @@ impl<C: Client> EtcdRegistrar<C> {
         Ok(())
     }
 
+    /// Starts the heartbeat of a registered, leased service if it is not running.
+    fn ensure_heartbeat(&self) {
+        let Some(ttl) = self.shared.service.ttl else {
+            return;
+        };
+        let mut task = lock(&self.task);
+        if task.as_ref().map_or(true, JoinHandle::is_finished) {
+            *task = Some(tokio::spawn(heartbeat(
+                self.shared.clone(),
+                ttl.heartbeat(),
+                ttl_secs(ttl.ttl()),
+            )));
+        }
+    }
+
     async fn do_deregister(&self) -> Result<(), Error> {
         let _op = self.op.lock().await;
         if let Some(task) = self.stop_task() {
@@ -237,15 +241,29 @@ impl<C: Client> EtcdRegistrar<C> {
         }
         let key = &shared.service.key;
         let lease = shared.lease();
-        match lease {
-            Some(lease) => {
-                let deleted = shared.client.delete_if_lease(key, lease).await?;
-                if !deleted {
-                    tracing::debug!(%key, "key no longer on our lease: left alone");
-                }
-                shared.client.revoke(lease).await?;
+        let deleted = match lease {
+            Some(lease) => shared
+                .client
+                .delete_if_lease(key, lease)
+                .await
+                .map(|deleted| {
+                    if !deleted {
+                        tracing::debug!(%key, "key no longer on our lease: left alone");
+                    }
+                }),
+            None => shared.client.delete(key).await,
+        };
+        if let Err(e) = deleted {
+            // Nothing changed in etcd: the registration stays, kept alive, and the caller may
+            // try again.
+            self.ensure_heartbeat();
+            return Err(e);
+        }
+        if let Some(lease) = lease {
+            // The key is gone; a lease that outlives it holds nothing and expires at its TTL.
+            if let Err(e) = shared.client.revoke(lease).await {
+                tracing::warn!(%key, lease, error = %e, "revoking the lease failed; it expires at its TTL");
             }
-            None => shared.client.delete(key).await?,
         }
         *lock(&shared.lease) = None;
         *lock(&shared.registered) = false;
@@ -562,7 +580,7 @@ mod tests {
 
     // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
     #[tokio::test(start_paused = true)]
-    async fn register_after_a_failed_deregister_heartbeats_again() {
+    async fn a_failed_deregister_keeps_the_registration_alive() {
         let mut mock = MockClient::new();
         mock.expect_grant().times(1).returning(|ttl| Ok((5, ttl)));
         mock.expect_put().times(1).returning(|_, _, _| Ok(()));
@@ -585,14 +603,19 @@ mod tests {
         let r = EtcdRegistrar::new(mock, svc(true));
         r.register().await.unwrap();
         assert!(r.deregister().await.is_err());
-        // The key is still there, on lease 5: registering again must keep it alive again.
-        r.register().await.unwrap();
+        // The key is still there, on lease 5: it must still be kept alive.
+        assert!(r.state().is_registered(), "{:?}", r.state());
         let before = beats.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1300)).await;
         assert!(
             beats.load(Ordering::SeqCst) > before,
-            "no heartbeat after register() following a failed deregister()"
+            "no heartbeat after a failed deregister()"
         );
+        // register() on a registered service is a no-op that keeps it alive.
+        r.register().await.unwrap();
+        let before = beats.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert!(beats.load(Ordering::SeqCst) > before);
         r.deregister().await.unwrap();
         assert_eq!(r.lease(), None);
     }
@@ -695,5 +718,25 @@ mod tests {
         assert!(r.deregister().await.is_err());
         r.deregister().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_revoke_after_the_delete_still_deregisters() {
+        let mut mock = MockClient::new();
+        mock.expect_grant().times(1).returning(|ttl| Ok((7, ttl)));
+        mock.expect_put().times(1).returning(|_, _, _| Ok(()));
+        mock.expect_keep_alive().returning(|_| Ok(2));
+        mock.expect_delete_if_lease()
+            .times(1)
+            .returning(|_, _| Ok(true));
+        mock.expect_revoke()
+            .times(1)
+            .returning(|_| Err(Error::Watch("unavailable".into())));
+        let r = EtcdRegistrar::new(mock, svc(true)).with_revoke_on_drop(false);
+        r.register().await.unwrap();
+        r.deregister().await.unwrap();
+        assert!(!r.state().is_registered(), "{:?}", r.state());
+        assert_eq!(r.lease(), None);
+        r.deregister().await.unwrap();
     }
 }
