@@ -254,6 +254,9 @@ where
                 let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
                 local.loads = registry.table(snapshot);
             },
+            // Inlined at both of the cache's call sites: as a call, its result would be
+            // copied out of the callee's frame on every pick.
+            #[inline(always)]
             |endpoints, snapshot, local| {
                 let loads = &local.loads[..];
                 let n = endpoints.len().min(loads.len());

@@ -108,6 +108,9 @@ where
             &self.endpointer,
             |ordinal| thread_rng(self.seed, ordinal),
             |_, _| {},
+            // Inlined at both of the cache's call sites: as a call, its result would be
+            // copied out of the callee's frame on every pick.
+            #[inline(always)]
             |endpoints, snapshot, rng| {
                 if endpoints.is_empty() {
                     return Err(snapshot.no_endpoints());

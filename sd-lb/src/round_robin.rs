@@ -81,6 +81,9 @@ where
             &self.endpointer,
             |ordinal| ordinal,
             |_, _| {},
+            // Inlined at both of the cache's call sites: as a call, its result would be
+            // copied out of the callee's frame on every pick.
+            #[inline(always)]
             |endpoints, snapshot, next| {
                 let len = endpoints.len();
                 let mut i = *next;
