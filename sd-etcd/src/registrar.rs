@@ -219,7 +219,7 @@ impl<C: Client> EtcdRegistrar<C> {
             return;
         };
         let mut task = lock(&self.task);
-        if task.as_ref().map_or(true, JoinHandle::is_finished) {
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
             *task = Some(tokio::spawn(heartbeat(
                 self.shared.clone(),
                 ttl.heartbeat(),

@@ -134,7 +134,7 @@ impl<B: Balancer, C> Retry<B, C> {
     ///     .unwrap()
     ///     // Retry only errors that say so.
     ///     .with_callback(|_attempt: usize, err: &AttemptError<&str>| {
-    ///         err.call_error().map_or(true, |e| e.starts_with("retryable"))
+    ///         err.call_error().is_none_or(|e| e.starts_with("retryable"))
     ///     });
     /// let err = retry.call(|_| async { Err::<(), _>("fatal: bad request") }).await.unwrap_err();
     /// assert_eq!(err.reason(), StopReason::Callback);
