@@ -52,6 +52,24 @@ pub struct Discovery<S, F> {
 
 /// Follows `instancer`, turning its instances into services with `factory`, as a
 /// `tower::discover::Discover` (see [`Discovery`]).
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{discover, Closer, Error, Event, Instance, Instancer, Publisher};
+/// use tower::discover::Change;
+/// # struct Static(Publisher);
+/// # impl Instancer for Static {
+/// #     fn subscribe(&self) -> sd_core::EventStream { self.0.subscribe() }
+/// #     fn stop(&self) { self.0.stop() }
+/// # }
+///
+/// # futures::executor::block_on(async {
+/// let instancer = Static(Publisher::new(Event::from_instances(["a:1"])));
+/// let factory = |i: &Instance| -> Result<(usize, Option<Closer>), Error> { Ok((i.len(), None)) };
+/// let change = discover(&instancer, factory).next().await;
+/// assert!(matches!(change, Some(Ok(Change::Insert(k, 3))) if k == "a:1"));
+/// # });
+/// ```
 pub fn discover<I, S, F>(instancer: &I, factory: F) -> Discovery<S, F>
 where
     I: Instancer + ?Sized,

@@ -4,6 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A boxed, shareable error from a backend (etcd, the in-memory store, a user's own).
+///
+/// ```
+/// use std::sync::Arc;
+/// use sd_core::{BackendError, Error};
+///
+/// let source: BackendError = Arc::new(std::io::Error::other("refused"));
+/// assert_eq!(Error::Backend(source).to_string(), "backend error: refused");
+/// ```
 pub type BackendError = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What the core traits return when something goes wrong.

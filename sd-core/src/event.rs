@@ -8,6 +8,16 @@ use futures::Stream;
 use crate::{Error, Instance};
 
 /// A stream of [`Event`]s, as returned by [`Instancer::subscribe`](crate::Instancer::subscribe).
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{Event, EventStream, Publisher};
+///
+/// # futures::executor::block_on(async {
+/// let mut s: EventStream = Publisher::new(Event::empty()).subscribe();
+/// assert_eq!(s.next().await, Some(Event::empty()));
+/// # });
+/// ```
 pub type EventStream = Pin<Box<dyn Stream<Item = Event> + Send + 'static>>;
 
 /// The state of a watched prefix: the full, sorted, deduplicated set of instances, or an error.
@@ -31,6 +41,11 @@ pub enum Event {
 
 impl Event {
     /// Builds an `Instances` event from any strings: sorts, drops duplicates and empty strings.
+    ///
+    /// ```
+    /// let ev = sd_core::Event::from_instances(["b:1", "a:1", "a:1"]);
+    /// assert_eq!(ev.instances().unwrap(), &["a:1", "b:1"]);
+    /// ```
     pub fn from_instances<I, S>(instances: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -47,11 +62,22 @@ impl Event {
     }
 
     /// An `Instances` event with no instance.
+    ///
+    /// ```
+    /// assert_eq!(sd_core::Event::empty().instances(), Some(&[][..]));
+    /// ```
     pub fn empty() -> Self {
         Event::Instances(Arc::from(Vec::new()))
     }
 
     /// The instances, or `None` for an error event.
+    ///
+    /// ```
+    /// use sd_core::{Error, Event};
+    ///
+    /// assert_eq!(Event::from_instances(["a:1"]).instances().unwrap().len(), 1);
+    /// assert!(Event::from(Error::backend_msg("down")).instances().is_none());
+    /// ```
     pub fn instances(&self) -> Option<&[Instance]> {
         match self {
             Event::Instances(i) => Some(i),
@@ -60,6 +86,14 @@ impl Event {
     }
 
     /// The error, or `None` for an instances event.
+    ///
+    /// ```
+    /// use sd_core::{Error, Event};
+    ///
+    /// let ev = Event::from(Error::backend_msg("down"));
+    /// assert_eq!(ev.error().unwrap().to_string(), "backend error: down");
+    /// assert!(Event::empty().error().is_none());
+    /// ```
     pub fn error(&self) -> Option<&Error> {
         match self {
             Event::Error(e) => Some(e),

@@ -6,6 +6,17 @@ use crate::{Error, Instance};
 
 /// Runs once when the endpoint it belongs to goes away (its instance left the set, or the
 /// endpointer was dropped): close connections here.
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+///
+/// let closed = Arc::new(AtomicBool::new(false));
+/// let flag = closed.clone();
+/// let closer: sd_core::Closer = Box::new(move || flag.store(true, Ordering::SeqCst));
+/// closer();
+/// assert!(closed.load(Ordering::SeqCst));
+/// ```
 pub type Closer = Box<dyn FnOnce() + Send + 'static>;
 
 /// Makes an endpoint `E` for an instance, plus an optional [`Closer`].

@@ -24,11 +24,20 @@ pub struct Instance(Arc<str>);
 
 impl Instance {
     /// Makes an instance from any string.
+    ///
+    /// ```
+    /// let i = sd_core::Instance::new(String::from("10.0.0.7:8080"));
+    /// assert_eq!(i, "10.0.0.7:8080");
+    /// ```
     pub fn new(s: impl AsRef<str>) -> Self {
         Instance(Arc::from(s.as_ref()))
     }
 
     /// The instance string.
+    ///
+    /// ```
+    /// assert_eq!(sd_core::Instance::new("a:1").as_str(), "a:1");
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }

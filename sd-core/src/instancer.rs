@@ -85,6 +85,13 @@ pub struct Publisher {
 
 impl Publisher {
     /// A publisher whose current state is `initial`.
+    ///
+    /// ```
+    /// use sd_core::{Event, Publisher};
+    ///
+    /// let p = Publisher::new(Event::from_instances(["a:1"]));
+    /// assert_eq!(p.current(), Some(Event::from_instances(["a:1"])));
+    /// ```
     pub fn new(initial: Event) -> Self {
         Publisher {
             tx: Mutex::new(Some(watch::Sender::new(initial))),
@@ -98,6 +105,14 @@ impl Publisher {
 
     /// Makes `event` the current state. Returns whether it was sent: `false` when it equals the
     /// current state or the publisher is stopped.
+    ///
+    /// ```
+    /// use sd_core::{Event, Publisher};
+    ///
+    /// let p = Publisher::new(Event::empty());
+    /// assert!(p.publish(Event::from_instances(["a:1"])));
+    /// assert!(!p.publish(Event::from_instances(["a:1"])), "unchanged");
+    /// ```
     pub fn publish(&self, event: Event) -> bool {
         match &*self.lock() {
             Some(tx) => tx.send_if_modified(|cur| {
@@ -113,12 +128,32 @@ impl Publisher {
     }
 
     /// The current state, or `None` once stopped.
+    ///
+    /// ```
+    /// use sd_core::{Event, Publisher};
+    ///
+    /// let p = Publisher::new(Event::empty());
+    /// assert_eq!(p.current(), Some(Event::empty()));
+    /// p.stop();
+    /// assert_eq!(p.current(), None);
+    /// ```
     pub fn current(&self) -> Option<Event> {
         self.lock().as_ref().map(|tx| tx.borrow().clone())
     }
 
     /// A stream that yields the current state at once, then every later state (latest-value).
     /// After [`stop`](Self::stop) the stream is empty.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use sd_core::{Event, Publisher};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let p = Publisher::new(Event::from_instances(["a:1"]));
+    /// let mut s = p.subscribe();
+    /// assert_eq!(s.next().await, Some(Event::from_instances(["a:1"])));
+    /// # });
+    /// ```
     pub fn subscribe(&self) -> EventStream {
         match &*self.lock() {
             Some(tx) => stream_of(tx.subscribe()),
@@ -127,11 +162,29 @@ impl Publisher {
     }
 
     /// Ends every subscriber's stream. Idempotent.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use sd_core::{Event, Publisher};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let p = Publisher::new(Event::empty());
+    /// p.stop();
+    /// assert_eq!(p.subscribe().next().await, None);
+    /// # });
+    /// ```
     pub fn stop(&self) {
         self.lock().take();
     }
 
     /// Whether [`stop`](Self::stop) was called.
+    ///
+    /// ```
+    /// let p = sd_core::Publisher::new(sd_core::Event::empty());
+    /// assert!(!p.is_stopped());
+    /// p.stop();
+    /// assert!(p.is_stopped());
+    /// ```
     pub fn is_stopped(&self) -> bool {
         self.lock().is_none()
     }

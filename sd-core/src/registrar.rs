@@ -7,6 +7,14 @@ use async_trait::async_trait;
 use crate::Error;
 
 /// The shortest heartbeat a [`TtlOption`] accepts.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_core::{TtlOption, MIN_HEARTBEAT};
+///
+/// assert_eq!(MIN_HEARTBEAT, Duration::from_millis(500));
+/// assert!(TtlOption::new(MIN_HEARTBEAT, 3 * MIN_HEARTBEAT).is_ok());
+/// ```
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// How a registration is kept alive: the store forgets the key `ttl` after the last heartbeat,
@@ -31,6 +39,14 @@ pub struct TtlOption {
 
 impl TtlOption {
     /// Validates and builds the option: `heartbeat` at least [`MIN_HEARTBEAT`], `ttl` above it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sd_core::TtlOption;
+    ///
+    /// assert!(TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).is_ok());
+    /// assert!(TtlOption::new(Duration::from_secs(3), Duration::from_secs(1)).is_err());
+    /// ```
     pub fn new(heartbeat: Duration, ttl: Duration) -> Result<Self, Error> {
         if heartbeat < MIN_HEARTBEAT {
             return Err(Error::invalid_argument(format!(
@@ -47,11 +63,23 @@ impl TtlOption {
     }
 
     /// How often the registrar refreshes the registration.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let ttl = sd_core::TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).unwrap();
+    /// assert_eq!(ttl.heartbeat(), Duration::from_secs(1));
+    /// ```
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat
     }
 
     /// How long the store keeps the key after the last heartbeat.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let ttl = sd_core::TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).unwrap();
+    /// assert_eq!(ttl.ttl(), Duration::from_secs(3));
+    /// ```
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
@@ -85,6 +113,12 @@ pub struct Service {
 
 impl Service {
     /// A service without a TTL; fails if `key` or `value` is empty.
+    ///
+    /// ```
+    /// let svc = sd_core::Service::new("/services/foo/a:1", "a:1").unwrap();
+    /// assert_eq!((svc.key.as_str(), svc.value.as_str()), ("/services/foo/a:1", "a:1"));
+    /// assert_eq!(svc.ttl, None);
+    /// ```
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Result<Self, Error> {
         let svc = Service {
             key: key.into(),
@@ -96,6 +130,14 @@ impl Service {
     }
 
     /// The same service, kept alive with `ttl`.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use sd_core::{Service, TtlOption};
+    ///
+    /// let ttl = TtlOption::new(Duration::from_secs(1), Duration::from_secs(3)).unwrap();
+    /// assert_eq!(Service::new("/k", "v").unwrap().with_ttl(ttl).ttl, Some(ttl));
+    /// ```
     pub fn with_ttl(mut self, ttl: TtlOption) -> Self {
         self.ttl = Some(ttl);
         self
@@ -103,6 +145,13 @@ impl Service {
 
     /// Checks what the fields, being public, may have been set to: a non-empty key and value.
     /// Registrars call it before touching the store.
+    ///
+    /// ```
+    /// let mut svc = sd_core::Service::new("/k", "v").unwrap();
+    /// assert!(svc.validate().is_ok());
+    /// svc.key.clear();
+    /// assert!(svc.validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<(), Error> {
         if self.key.is_empty() {
             return Err(Error::invalid_argument(
@@ -119,6 +168,14 @@ impl Service {
 }
 
 /// Where a registration stands, as seen by its registrar.
+///
+/// ```
+/// use sd_core::{Error, RegistrationState};
+///
+/// let state = RegistrationState::Retrying(Error::backend_msg("down"));
+/// assert!(!state.is_registered());
+/// assert!(matches!(state, RegistrationState::Retrying(_)));
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum RegistrationState {

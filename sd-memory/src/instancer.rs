@@ -41,6 +41,14 @@ impl fmt::Debug for MemoryInstancer {
 impl MemoryInstancer {
     /// Watches `prefix`, which must end in `/` (so `/svc/a/` never sees `/svc/ab/...`).
     /// Fails if the store is unavailable or a failure was injected.
+    ///
+    /// ```
+    /// use sd_memory::{MemoryInstancer, MemoryStore};
+    ///
+    /// let store = MemoryStore::new();
+    /// assert!(MemoryInstancer::new(&store, "/svc/a/").is_ok());
+    /// assert!(MemoryInstancer::new(&store, "/svc/a").is_err());
+    /// ```
     pub fn new(store: &MemoryStore, prefix: &str) -> Result<Self, Error> {
         if !prefix.ends_with('/') {
             return Err(Error::invalid_argument(format!(
@@ -55,6 +63,12 @@ impl MemoryInstancer {
     }
 
     /// The watched prefix.
+    ///
+    /// ```
+    /// # use sd_memory::{MemoryInstancer, MemoryStore};
+    /// let instancer = MemoryInstancer::new(&MemoryStore::new(), "/svc/a/").unwrap();
+    /// assert_eq!(instancer.prefix(), "/svc/a/");
+    /// ```
     pub fn prefix(&self) -> &str {
         &self.watcher.prefix
     }

@@ -65,6 +65,17 @@ fn lock(m: &Mutex<RegState>) -> MutexGuard<'_, RegState> {
 impl MemoryRegistrar {
     /// A registrar for `service` (checked: non-empty key and value). Nothing is written until
     /// [`register`](Registrar::register).
+    ///
+    /// ```
+    /// use sd_core::{Registrar, Service};
+    /// use sd_memory::{MemoryRegistrar, MemoryStore};
+    ///
+    /// let store = MemoryStore::new();
+    /// let svc = Service::new("/svc/a/1", "a:1").unwrap();
+    /// let registrar = MemoryRegistrar::new(&store, svc).unwrap();
+    /// assert!(!registrar.state().is_registered());
+    /// assert!(store.get_prefix("/svc/").unwrap().is_empty(), "nothing written yet");
+    /// ```
     pub fn new(store: &MemoryStore, service: Service) -> Result<Self, Error> {
         service.validate()?;
         Ok(MemoryRegistrar {
@@ -80,6 +91,15 @@ impl MemoryRegistrar {
     }
 
     /// The service this registrar registers.
+    ///
+    /// ```
+    /// use sd_core::Service;
+    /// use sd_memory::{MemoryRegistrar, MemoryStore};
+    ///
+    /// let svc = Service::new("/svc/a/1", "a:1").unwrap();
+    /// let registrar = MemoryRegistrar::new(&MemoryStore::new(), svc.clone()).unwrap();
+    /// assert_eq!(registrar.service(), &svc);
+    /// ```
     pub fn service(&self) -> &Service {
         &self.service
     }

@@ -12,6 +12,17 @@ use tokio::time::{sleep, sleep_until, Instant};
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 /// Identifies a lease granted by a [`MemoryStore`].
+///
+/// ```
+/// # use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = sd_memory::MemoryStore::new();
+/// let a = store.grant(Duration::from_secs(5)).unwrap();
+/// let b = store.grant(Duration::from_secs(5)).unwrap();
+/// assert_ne!(a, b);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LeaseId(u64);
 
@@ -171,16 +182,40 @@ impl State {
 
 impl MemoryStore {
     /// An empty store.
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// assert!(store.get_prefix("").unwrap().is_empty());
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Puts `key` = `value` with no lease (it lives until deleted).
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.put("/svc/a/1", "a:1").unwrap();
+    /// assert_eq!(store.get_prefix("/svc/").unwrap(), [("/svc/a/1".into(), "a:1".into())]);
+    /// assert!(store.put("", "a:1").is_err());
+    /// ```
     pub fn put(&self, key: &str, value: &str) -> Result<(), Error> {
         self.put_with_lease(key, value, None)
     }
 
     /// Puts `key` = `value`, attached to `lease` if given (the key goes when the lease does).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let lease = store.grant(Duration::from_secs(5)).unwrap();
+    /// store.put_with_lease("/svc/a/1", "a:1", Some(lease)).unwrap();
+    /// store.revoke(lease).unwrap();
+    /// assert!(store.get_prefix("/svc/").unwrap().is_empty(), "the key went with its lease");
+    /// # }
+    /// ```
     pub fn put_with_lease(
         &self,
         key: &str,
@@ -209,6 +244,13 @@ impl MemoryStore {
     }
 
     /// Deletes `key`; returns whether it existed.
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.put("/k", "v").unwrap();
+    /// assert!(store.delete("/k").unwrap());
+    /// assert!(!store.delete("/k").unwrap());
+    /// ```
     pub fn delete(&self, key: &str) -> Result<bool, Error> {
         let mut state = self.inner.lock();
         state.check("delete")?;
@@ -216,6 +258,19 @@ impl MemoryStore {
     }
 
     /// Deletes `key` only if it is attached to `lease` (etcd's compare-and-delete on the lease).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let mine = store.grant(Duration::from_secs(5)).unwrap();
+    /// let other = store.grant(Duration::from_secs(5)).unwrap();
+    /// store.put_with_lease("/k", "v", Some(mine)).unwrap();
+    /// assert!(!store.delete_if_lease("/k", other).unwrap());
+    /// assert!(store.delete_if_lease("/k", mine).unwrap());
+    /// # }
+    /// ```
     pub fn delete_if_lease(&self, key: &str, lease: LeaseId) -> Result<bool, Error> {
         let mut state = self.inner.lock();
         state.check("delete")?;
@@ -227,6 +282,13 @@ impl MemoryStore {
     }
 
     /// Deletes `key` only if it holds `value` and no lease (a plain registration of ours).
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.put("/k", "v").unwrap();
+    /// assert!(!store.delete_if_value("/k", "other").unwrap());
+    /// assert!(store.delete_if_value("/k", "v").unwrap());
+    /// ```
     pub fn delete_if_value(&self, key: &str, value: &str) -> Result<bool, Error> {
         let mut state = self.inner.lock();
         state.check("delete")?;
@@ -242,6 +304,15 @@ impl MemoryStore {
     }
 
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.put("/svc/b", "2").unwrap();
+    /// store.put("/svc/a", "1").unwrap();
+    /// store.put("/other", "3").unwrap();
+    /// let keys: Vec<_> = store.get_prefix("/svc/").unwrap().into_iter().map(|(k, _)| k).collect();
+    /// assert_eq!(keys, ["/svc/a", "/svc/b"]);
+    /// ```
     pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, Error> {
         let mut state = self.inner.lock();
         state.check("get")?;
@@ -255,6 +326,17 @@ impl MemoryStore {
 
     /// Grants a lease that expires `ttl` after its last keep-alive. Needs a tokio runtime (the
     /// expiry runs on a task).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let lease = store.grant(Duration::from_secs(5)).unwrap();
+    /// assert!(store.lease_alive(lease));
+    /// assert!(store.grant(Duration::ZERO).is_err());
+    /// # }
+    /// ```
     pub fn grant(&self, ttl: Duration) -> Result<LeaseId, Error> {
         if ttl.is_zero() {
             return Err(Error::invalid_argument("lease ttl must be above zero"));
@@ -276,6 +358,19 @@ impl MemoryStore {
     }
 
     /// Pushes the lease's expiry `ttl` into the future. Fails if the lease is gone.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let lease = store.grant(Duration::from_secs(2)).unwrap();
+    /// tokio::time::sleep(Duration::from_secs(1)).await;
+    /// store.keep_alive(lease).unwrap();
+    /// tokio::time::sleep(Duration::from_millis(1500)).await;
+    /// assert!(store.lease_alive(lease), "the keep-alive pushed the expiry back");
+    /// # }
+    /// ```
     pub fn keep_alive(&self, lease: LeaseId) -> Result<(), Error> {
         let mut state = self.inner.lock();
         state.check("keep_alive")?;
@@ -289,6 +384,18 @@ impl MemoryStore {
     }
 
     /// Revokes the lease now, deleting its keys. Revoking an unknown lease is not an error.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let lease = store.grant(Duration::from_secs(5)).unwrap();
+    /// store.revoke(lease).unwrap();
+    /// assert!(!store.lease_alive(lease));
+    /// assert!(store.revoke(lease).is_ok(), "revoking twice is fine");
+    /// # }
+    /// ```
     pub fn revoke(&self, lease: LeaseId) -> Result<(), Error> {
         let mut state = self.inner.lock();
         state.check("revoke")?;
@@ -297,6 +404,18 @@ impl MemoryStore {
     }
 
     /// Whether `lease` is still alive.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = sd_memory::MemoryStore::new();
+    /// let lease = store.grant(Duration::from_secs(1)).unwrap();
+    /// assert!(store.lease_alive(lease));
+    /// tokio::time::sleep(Duration::from_secs(2)).await;
+    /// assert!(!store.lease_alive(lease), "expired");
+    /// # }
+    /// ```
     pub fn lease_alive(&self, lease: LeaseId) -> bool {
         self.inner.lock().leases.contains_key(&lease)
     }
@@ -305,6 +424,13 @@ impl MemoryStore {
     /// replacing any count still pending. They are the next `n` of any caller, a registrar's
     /// background heartbeats included: with heartbeats running, which call fails depends on
     /// timing (pause tokio time, or use [`set_available`](Self::set_available), to be exact).
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.fail_next(1);
+    /// assert!(store.put("/k", "v").is_err());
+    /// assert!(store.put("/k", "v").is_ok());
+    /// ```
     pub fn fail_next(&self, n: usize) {
         self.inner.lock().fail_next = n;
     }
@@ -312,6 +438,23 @@ impl MemoryStore {
     /// Breaks every watch: subscribers see an error event, then, after a short reconnect delay,
     /// the current set again (if the store is available by then; otherwise when it is).
     /// Needs a tokio runtime.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use sd_core::Instancer;
+    /// use sd_memory::{MemoryInstancer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = MemoryStore::new();
+    /// let instancer = MemoryInstancer::new(&store, "/svc/").unwrap();
+    /// let mut events = instancer.subscribe();
+    /// events.next().await;
+    /// store.break_watches();
+    /// assert!(events.next().await.unwrap().error().is_some());
+    /// assert!(events.next().await.unwrap().error().is_none(), "reconnected");
+    /// # }
+    /// ```
     pub fn break_watches(&self) {
         let mut state = self.inner.lock();
         state.watchers.retain(|w| w.strong_count() > 0);
@@ -336,6 +479,14 @@ impl MemoryStore {
     /// Takes the store down (`false`: every operation fails and every watch reports an error)
     /// or brings it back (`true`: watches publish the current set). Leases keep running while
     /// the store is down, so a registration whose heartbeats fail for longer than its TTL expires.
+    ///
+    /// ```
+    /// let store = sd_memory::MemoryStore::new();
+    /// store.set_available(false);
+    /// assert!(store.get_prefix("/").is_err());
+    /// store.set_available(true);
+    /// assert!(store.get_prefix("/").is_ok());
+    /// ```
     pub fn set_available(&self, available: bool) {
         let mut state = self.inner.lock();
         if state.available == available {

@@ -28,6 +28,10 @@ pub struct EndpointerOptions {
 
 impl EndpointerOptions {
     /// The defaults: on a discovery error, keep serving the last good endpoints indefinitely.
+    ///
+    /// ```
+    /// assert_eq!(sd_core::EndpointerOptions::new().invalidate_timeout(), None);
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
@@ -35,12 +39,27 @@ impl EndpointerOptions {
     /// Once the instancer has reported errors for `timeout` without a good event in between,
     /// drop (and close) every endpoint, so callers fail fast with the discovery error instead of
     /// calling instances that may be gone. A later good event restores them.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = sd_core::EndpointerOptions::new().invalidate_on_error(Duration::from_secs(5));
+    /// assert_eq!(opts.invalidate_timeout(), Some(Duration::from_secs(5)));
+    /// ```
     pub fn invalidate_on_error(mut self, timeout: Duration) -> Self {
         self.invalidate_on_error = Some(timeout);
         self
     }
 
     /// The timeout set by [`invalidate_on_error`](Self::invalidate_on_error).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use sd_core::EndpointerOptions;
+    ///
+    /// assert_eq!(EndpointerOptions::new().invalidate_timeout(), None);
+    /// let opts = EndpointerOptions::new().invalidate_on_error(Duration::from_millis(250));
+    /// assert_eq!(opts.invalidate_timeout(), Some(Duration::from_millis(250)));
+    /// ```
     pub fn invalidate_timeout(&self) -> Option<Duration> {
         self.invalidate_on_error
     }
@@ -118,6 +137,25 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
     /// [`endpoints`](Endpointer::endpoints) call already sees the current set.
     ///
     /// Must be called within a tokio runtime (it spawns the task that follows the instancer).
+    ///
+    /// ```
+    /// use sd_core::{Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Instance};
+    /// # use sd_core::{Event, Instancer, Publisher};
+    /// # struct Static(Publisher);
+    /// # impl Instancer for Static {
+    /// #     fn subscribe(&self) -> sd_core::EventStream { self.0.subscribe() }
+    /// #     fn stop(&self) { self.0.stop() }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let instancer = Static(Publisher::new(Event::from_instances(["a:1"])));
+    /// let factory =
+    ///     |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) };
+    /// let e = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
+    /// assert_eq!(&*e.endpoints().unwrap(), &["a:1"]);
+    /// # }
+    /// ```
     pub async fn new<I, F>(instancer: &I, factory: F, options: EndpointerOptions) -> Self
     where
         I: Instancer + ?Sized,

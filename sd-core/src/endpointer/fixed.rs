@@ -17,6 +17,13 @@ pub struct FixedEndpointer<E> {
 
 impl<E> FixedEndpointer<E> {
     /// Serves `endpoints` for ever.
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer};
+    ///
+    /// let e = FixedEndpointer::new(vec!["a:1"]);
+    /// assert_eq!((e.version(), &*e.endpoints().unwrap()), (0, &["a:1"][..]));
+    /// ```
     pub fn new(endpoints: Vec<E>) -> Self {
         let instances: Arc<[Instance]> = (0..endpoints.len()).map(|_| Instance::new("")).collect();
         FixedEndpointer {
