@@ -159,16 +159,6 @@ mod tests {
     use super::*;
     use crate::{Closer, Publisher};
 
-    struct TestInstancer(Publisher);
-    impl Instancer for TestInstancer {
-        fn subscribe(&self) -> EventStream {
-            self.0.subscribe()
-        }
-        fn stop(&self) {
-            self.0.stop()
-        }
-    }
-
     fn is_discover<D: Discover<Key = Instance, Service = String, Error = Error>>(d: D) -> D {
         d
     }
@@ -182,7 +172,7 @@ mod tests {
 
     #[tokio::test]
     async fn inserts_and_removes_follow_the_instancer() {
-        let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b"])));
+        let inst = Publisher::new(Event::from_instances(["a", "b"]));
         let closed = Arc::new(AtomicUsize::new(0));
         let c = closed.clone();
         let factory = move |i: &Instance| -> Result<(String, Option<Closer>), Error> {
@@ -210,7 +200,7 @@ mod tests {
             }
             seen
         };
-        inst.0.publish(Event::from_instances(["b", "bad", "c"]));
+        inst.publish(Event::from_instances(["b", "bad", "c"]));
         let d2 = drain(&mut d);
         assert_eq!(d2, [("remove", "a".into()), ("insert", "c".into())]);
         assert_eq!(
@@ -234,7 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hand_built_unsorted_set_changes_nothing_it_still_lists() {
-        let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b", "c"])));
+        let inst = Publisher::new(Event::from_instances(["a", "b", "c"]));
         let factory =
             |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) };
         let mut d = discover(&inst, factory);
@@ -245,7 +235,7 @@ mod tests {
             .into_iter()
             .map(Instance::new)
             .collect();
-        inst.0.publish(Event::Instances(raw.into()));
+        inst.publish(Event::Instances(raw.into()));
         let change = d.next().now_or_never();
         assert!(
             change.is_none(),

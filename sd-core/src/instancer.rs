@@ -190,6 +190,29 @@ impl Publisher {
     }
 }
 
+/// A publisher is itself an instancer: one whose state is whatever was last published. Handy for
+/// static instance lists and for tests of code that takes an [`Instancer`].
+///
+/// ```
+/// use futures::StreamExt;
+/// use sd_core::{Event, Instancer, Publisher};
+///
+/// # futures::executor::block_on(async {
+/// let instancer = Publisher::new(Event::from_instances(["127.0.0.1:80"]));
+/// let mut events = Instancer::subscribe(&instancer);
+/// assert_eq!(events.next().await, Some(Event::from_instances(["127.0.0.1:80"])));
+/// # });
+/// ```
+impl Instancer for Publisher {
+    fn subscribe(&self) -> EventStream {
+        Publisher::subscribe(self)
+    }
+
+    fn stop(&self) {
+        Publisher::stop(self)
+    }
+}
+
 fn stream_of(rx: watch::Receiver<Event>) -> EventStream {
     futures::stream::unfold((rx, true), |(mut rx, first)| async move {
         if !first {

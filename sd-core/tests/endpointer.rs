@@ -7,20 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sd_core::{
-    Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event, EventStream, Instance,
-    Instancer, Publisher,
+    Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event, Instance, Publisher,
 };
-
-struct TestInstancer(Publisher);
-
-impl Instancer for TestInstancer {
-    fn subscribe(&self) -> EventStream {
-        self.0.subscribe()
-    }
-    fn stop(&self) {
-        self.0.stop()
-    }
-}
 
 /// Counts factory calls and closer runs per instance; fails for instances named `bad*` while
 /// `fail_bad` is set.
@@ -75,7 +63,7 @@ fn names(e: &impl Endpointer<String>) -> Vec<String> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn first_event_is_applied_before_new_returns() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b"])));
+    let inst = Publisher::new(Event::from_instances(["a", "b"]));
     let counts = Counts::default();
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
     assert_eq!(names(&e), ["ep:a", "ep:b"]);
@@ -84,12 +72,12 @@ async fn first_event_is_applied_before_new_returns() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn factory_once_per_instance_and_closers_exactly_once() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b"])));
+    let inst = Publisher::new(Event::from_instances(["a", "b"]));
     let counts = Counts::default();
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
     let v1 = e.version();
 
-    inst.0.publish(Event::from_instances(["b", "c"]));
+    inst.publish(Event::from_instances(["b", "c"]));
     settle().await;
     assert_eq!(names(&e), ["ep:b", "ep:c"]);
     assert!(e.version() > v1);
@@ -99,7 +87,7 @@ async fn factory_once_per_instance_and_closers_exactly_once() {
     );
     assert_eq!((counts.closed("a"), counts.closed("b")), (1, 0));
 
-    inst.0.publish(Event::from_instances(["a", "b", "c"]));
+    inst.publish(Event::from_instances(["a", "b", "c"]));
     settle().await;
     assert_eq!(counts.made("a"), 2, "a came back: a new endpoint");
     assert_eq!(counts.made("b"), 1, "b stayed: no new endpoint");
@@ -113,7 +101,7 @@ async fn factory_once_per_instance_and_closers_exactly_once() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn failing_factory_skips_the_instance_and_retries_later() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["bad1", "good"])));
+    let inst = Publisher::new(Event::from_instances(["bad1", "good"]));
     let counts = Counts::default();
     counts.fail_bad.store(1, Ordering::SeqCst);
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
@@ -124,19 +112,17 @@ async fn failing_factory_skips_the_instance_and_retries_later() {
     );
 
     counts.fail_bad.store(0, Ordering::SeqCst);
-    inst.0
-        .publish(Event::from_instances(["bad1", "good", "other"]));
+    inst.publish(Event::from_instances(["bad1", "good", "other"]));
     settle().await;
     assert_eq!(names(&e), ["ep:bad1", "ep:good", "ep:other"]);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn error_keeps_last_endpoints_by_default() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let inst = Publisher::new(Event::from_instances(["a"]));
     let counts = Counts::default();
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
-    inst.0
-        .publish(Event::Error(Error::backend_msg("store down")));
+    inst.publish(Event::Error(Error::backend_msg("store down")));
     settle().await;
     assert_eq!(e.endpoints().unwrap().as_ref(), ["ep:a"]);
     assert!(e.snapshot().error().is_some(), "the error is visible");
@@ -146,18 +132,16 @@ async fn error_keeps_last_endpoints_by_default() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn invalidate_on_error_drops_endpoints_after_timeout_and_recovery_restores() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b"])));
+    let inst = Publisher::new(Event::from_instances(["a", "b"]));
     let counts = Counts::default();
     let opts = EndpointerOptions::new().invalidate_on_error(Duration::from_secs(5));
     let e = DefaultEndpointer::new(&inst, counts.factory(), opts).await;
 
-    inst.0
-        .publish(Event::Error(Error::backend_msg("store down")));
+    inst.publish(Event::Error(Error::backend_msg("store down")));
     settle().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // A second, different error must not restart the timer.
-    inst.0
-        .publish(Event::Error(Error::backend_msg("still down")));
+    inst.publish(Event::Error(Error::backend_msg("still down")));
     settle().await;
     tokio::time::sleep(Duration::from_millis(1900)).await;
     assert_eq!(e.endpoints().unwrap().len(), 2, "kept until the timeout");
@@ -174,7 +158,7 @@ async fn invalidate_on_error_drops_endpoints_after_timeout_and_recovery_restores
     }
     assert_eq!((counts.closed("a"), counts.closed("b")), (1, 1));
 
-    inst.0.publish(Event::from_instances(["a"]));
+    inst.publish(Event::from_instances(["a"]));
     settle().await;
     assert_eq!(e.endpoints().unwrap().as_ref(), ["ep:a"]);
     assert_eq!(counts.made("a"), 2, "restored through the factory");
@@ -183,13 +167,13 @@ async fn invalidate_on_error_drops_endpoints_after_timeout_and_recovery_restores
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn recovery_before_timeout_cancels_invalidation() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let inst = Publisher::new(Event::from_instances(["a"]));
     let counts = Counts::default();
     let opts = EndpointerOptions::new().invalidate_on_error(Duration::from_secs(1));
     let e = DefaultEndpointer::new(&inst, counts.factory(), opts).await;
-    inst.0.publish(Event::Error(Error::backend_msg("blip")));
+    inst.publish(Event::Error(Error::backend_msg("blip")));
     settle().await;
-    inst.0.publish(Event::from_instances(["a"]));
+    inst.publish(Event::from_instances(["a"]));
     settle().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(e.endpoints().unwrap().as_ref(), ["ep:a"]);
@@ -198,7 +182,7 @@ async fn recovery_before_timeout_cancels_invalidation() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn stopped_instancer_gives_no_endpoints_with_stopped() {
-    let inst = TestInstancer(Publisher::new(Event::empty()));
+    let inst = Publisher::new(Event::empty());
     inst.stop();
     let counts = Counts::default();
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
@@ -217,7 +201,7 @@ async fn stopped_instancer_gives_no_endpoints_with_stopped() {
 /// an endpoint made after the drop is closed at once, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_does_not_wait_for_a_factory_in_progress() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let inst = Publisher::new(Event::from_instances(["a"]));
     let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
@@ -243,7 +227,7 @@ async fn drop_does_not_wait_for_a_factory_in_progress() {
         Ok((i.to_string(), Some(closer)))
     };
     let e = DefaultEndpointer::new(&inst, factory, EndpointerOptions::new()).await;
-    inst.0.publish(Event::from_instances(["a", "slow"]));
+    inst.publish(Event::from_instances(["a", "slow"]));
     tokio::task::spawn_blocking(move || entered_rx.recv_timeout(Duration::from_secs(30)))
         .await
         .unwrap()
@@ -271,13 +255,13 @@ async fn drop_does_not_wait_for_a_factory_in_progress() {
 /// still listed.
 #[tokio::test(flavor = "current_thread")]
 async fn a_hand_built_unsorted_set_is_handled_like_a_sorted_one() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a", "b", "c"])));
+    let inst = Publisher::new(Event::from_instances(["a", "b", "c"]));
     let counts = Counts::default();
     let e = DefaultEndpointer::new(&inst, counts.factory(), EndpointerOptions::new()).await;
     let raw = |v: &[&str]| -> Event {
         Event::Instances(v.iter().map(Instance::new).collect::<Vec<_>>().into())
     };
-    inst.0.publish(raw(&["c", "b", "a", "d", "d", ""]));
+    inst.publish(raw(&["c", "b", "a", "d", "d", ""]));
     settle().await;
     assert_eq!(names(&e), ["ep:a", "ep:b", "ep:c", "ep:d"]);
     assert_eq!(
@@ -291,22 +275,22 @@ async fn a_hand_built_unsorted_set_is_handled_like_a_sorted_one() {
 /// A timeout too long to represent never fires; it must not panic the endpointer's task.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn invalidate_on_error_with_a_huge_timeout_never_invalidates() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["a"])));
+    let inst = Publisher::new(Event::from_instances(["a"]));
     let counts = Counts::default();
     let opts = EndpointerOptions::new().invalidate_on_error(Duration::MAX);
     let e = DefaultEndpointer::new(&inst, counts.factory(), opts).await;
-    inst.0.publish(Event::Error(Error::backend_msg("down")));
+    inst.publish(Event::Error(Error::backend_msg("down")));
     settle().await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(e.endpoints().unwrap().as_ref(), ["ep:a"]);
-    inst.0.publish(Event::from_instances(["a", "b"]));
+    inst.publish(Event::from_instances(["a", "b"]));
     settle().await;
     assert_eq!(names(&e), ["ep:a", "ep:b"], "the endpointer still follows");
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_panicking_factory_skips_the_instance_and_keeps_following() {
-    let inst = TestInstancer(Publisher::new(Event::from_instances(["boom", "good"])));
+    let inst = Publisher::new(Event::from_instances(["boom", "good"]));
     let factory = |i: &Instance| -> Result<(String, Option<Closer>), Error> {
         if i.as_str() == "boom" {
             panic!("factory bug");
@@ -315,8 +299,7 @@ async fn a_panicking_factory_skips_the_instance_and_keeps_following() {
     };
     let e = DefaultEndpointer::new(&inst, factory, EndpointerOptions::new()).await;
     assert_eq!(names(&e), ["ep:good"]);
-    inst.0
-        .publish(Event::from_instances(["boom", "good", "later"]));
+    inst.publish(Event::from_instances(["boom", "good", "later"]));
     settle().await;
     assert_eq!(
         names(&e),
