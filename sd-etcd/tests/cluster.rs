@@ -6,9 +6,31 @@ use std::time::{Duration, Instant};
 use sd_core::testkit::eventually_instances;
 use sd_core::{Instancer, Registrar, Service, TtlOption};
 use sd_etcd::testing::EtcdCluster;
-use sd_etcd::{Client, EtcdInstancer, EtcdRegistrar};
+use sd_etcd::{Client, EtcdClient, EtcdInstancer, EtcdRegistrar};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Restarts node `i` and waits until the client has it back in rotation.
+async fn restart_into_rotation(cluster: &mut EtcdCluster, client: &EtcdClient, i: usize) {
+    cluster.restart(i).await;
+    let start = Instant::now();
+    while client.live_endpoints().len() < cluster.len() {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "restarted node not back in rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The index of the node serving `endpoint`.
+fn node_of(cluster: &EtcdCluster, endpoint: &str) -> usize {
+    cluster
+        .endpoints()
+        .iter()
+        .position(|e| e == endpoint)
+        .unwrap_or_else(|| panic!("{endpoint} is not a node of the cluster"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_registrations_and_watches_survive() {
@@ -53,24 +75,12 @@ async fn leader_killed_registrations_and_watches_survive() {
     assert_eq!(kvs.len(), 1, "the registration expired");
 
     // The old leader comes back and back into rotation.
-    cluster.restart(leader).await;
-    let start = Instant::now();
-    while client.live_endpoints().len() < 3 {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "restarted node not back in rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    restart_into_rotation(&mut cluster, &client, leader).await;
 
     // Kill the node the client is using now: the next calls fail over without an error, and
     // that node is taken out of rotation until it answers again.
     let current = client.current_endpoint();
-    let victim = cluster
-        .endpoints()
-        .iter()
-        .position(|e| *e == current)
-        .unwrap();
+    let victim = node_of(&cluster, &current);
     cluster.kill(victim);
     cluster.leader().await;
     for i in 0..10 {
@@ -92,21 +102,9 @@ async fn leader_killed_registrations_and_watches_survive() {
 
     // A hung node (SIGSTOP: connections open, no answers) where the client is pinned: the
     // registrar's heartbeats, the watch and the user's calls move to the other nodes.
-    cluster.restart(victim).await;
-    let start = Instant::now();
-    while client.live_endpoints().len() < 3 {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "restarted node not back in rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    restart_into_rotation(&mut cluster, &client, victim).await;
     let current = client.current_endpoint();
-    let hung = cluster
-        .endpoints()
-        .iter()
-        .position(|e| *e == current)
-        .unwrap();
+    let hung = node_of(&cluster, &current);
     cluster.pause(hung);
     client
         .put(&format!("{prefix}127.0.0.1:8200"), "127.0.0.1:8200", None)

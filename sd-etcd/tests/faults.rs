@@ -39,6 +39,15 @@ async fn wait_for_new_lease(client: &EtcdClient, key: &str, old: i64, limit: Dur
     }
 }
 
+/// A client that reaches `etcd` only through a proxy the test can cut and heal.
+async fn client_through_proxy(etcd: &EtcdServer) -> (TcpProxy, EtcdClient) {
+    let proxy = TcpProxy::start(&etcd.endpoint()).await;
+    let client = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
+        .await
+        .unwrap();
+    (proxy, client)
+}
+
 /// Fault 1: etcd SIGKILLed and restarted after longer than the TTL, then the lease revoked
 /// behind the registrar's back (a plain restart does not lose leases): the registrar re-puts
 /// its key within two heartbeats; the instancer sees every change made while it was away.
@@ -96,10 +105,7 @@ async fn etcd_killed_and_restarted_after_ttl_nothing_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrar_cut_off_longer_than_ttl_reregisters() {
     let etcd = EtcdServer::start().await;
-    let proxy = TcpProxy::start(&etcd.endpoint()).await;
-    let cut_client = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
-        .await
-        .unwrap();
+    let (proxy, cut_client) = client_through_proxy(&etcd).await;
     let direct = etcd.client().await;
     let prefix = "/faults/cutoff/";
     let key = format!("{prefix}127.0.0.1:2011");
@@ -139,10 +145,7 @@ async fn registrar_cut_off_longer_than_ttl_reregisters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_past_the_watchers_revision() {
     let etcd = EtcdServer::start().await;
-    let proxy = TcpProxy::start(&etcd.endpoint()).await;
-    let watched = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
-        .await
-        .unwrap();
+    let (proxy, watched) = client_through_proxy(&etcd).await;
     let direct = etcd.client().await;
     let prefix = "/faults/compact/";
     for i in 0..3 {
@@ -245,10 +248,7 @@ async fn record_until(events: &mut EventStream, want: usize, history: &mut Vec<E
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_dying_mid_stream_misses_and_repeats_nothing() {
     let etcd = EtcdServer::start().await;
-    let proxy = TcpProxy::start(&etcd.endpoint()).await;
-    let watched = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
-        .await
-        .unwrap();
+    let (proxy, watched) = client_through_proxy(&etcd).await;
     let direct = etcd.client().await;
     let prefix = "/faults/midstream/";
     let all: Vec<String> = (0..60).map(|i| format!("127.0.0.1:{}", 4000 + i)).collect();
@@ -387,10 +387,7 @@ async fn idle_watch_survives_keep_alive_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumed_far_behind_misses_nothing() {
     let etcd = EtcdServer::start().await;
-    let proxy = TcpProxy::start(&etcd.endpoint()).await;
-    let watched = EtcdClient::connect([proxy.endpoint()], etcd.client_options())
-        .await
-        .unwrap();
+    let (proxy, watched) = client_through_proxy(&etcd).await;
     let direct = etcd.client().await;
     let prefix = "/faults/behind/";
     let instancer = EtcdInstancer::new(watched, prefix).await.unwrap();
