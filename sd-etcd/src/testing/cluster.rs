@@ -1,48 +1,24 @@
-//! Throwaway etcd servers and clusters on loopback, for tests and `cargo xtask etcd`
-//! (feature `testing`).
-//!
-//! Runs the `etcd` binary on `PATH` (or `$ETCD_BIN`): fresh ports from a per-process counter
-//! with a random base (kept for a node's whole life, so a restart gets them back), data under
-//! `/dev/shm` (fsync stalls on a slow disk trigger elections with the fast election flags used
-//! here), `--heartbeat-interval 10 --election-timeout 100` (a fresh node answers in ~0.1 s).
-//! Every etcd is started with `PR_SET_PDEATHSIG`, from a thread that lives as long as the
-//! process, so it dies with the test process even when a test panics or is killed; dropping the
-//! handle kills it (SIGKILL) by PID. If etcd cannot start, `start` panics with etcd's stderr:
-//! tests never pass silently without etcd.
-//!
-//! ```no_run
-//! use sd_etcd::testing::{EtcdServer, ServerOptions};
-//!
-//! # async fn run() {
-//! let mut etcd = EtcdServer::start().await;
-//! let client = etcd.client().await;
-//! etcd.kill();          // SIGKILL
-//! etcd.restart().await; // same ports, same data
-//! let secure = EtcdServer::start_with(ServerOptions::new().with_tls().with_auth("pw")).await;
-//! # let _ = (client, secure); }
-//! ```
+//! Test etcd clusters and single servers: starting, stopping, restarting, wiping and restoring
+//! nodes.
 
+use std::ffi::OsString;
 use std::fmt;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 
+use super::certs::{generate_tls, TlsFiles};
+use super::process::{etcd_bin, etcdctl, next_port, scratch_dir, signal, spawn};
 use crate::{ClientOptions, EtcdClient};
 
 /// How long a node may take to answer after (re)starting.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long streaming a snapshot out of a node may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to start a test etcd.
 ///
@@ -56,6 +32,7 @@ pub struct ServerOptions {
     auth: Option<String>,
     data_dir: Option<PathBuf>,
     client_port: Option<u16>,
+    extra_args: Vec<String>,
 }
 
 impl ServerOptions {
@@ -92,6 +69,17 @@ impl ServerOptions {
         self
     }
 
+    /// Passes one more command-line argument to etcd (e.g. `--auth-token-ttl=2`).
+    ///
+    /// ```
+    /// let opts = sd_etcd::testing::ServerOptions::new().with_arg("--auth-token-ttl=2");
+    /// # let _ = opts;
+    /// ```
+    pub fn with_arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
     /// Keep the data under this directory (created if needed, kept on drop) instead of a
     /// temporary one.
     ///
@@ -116,35 +104,7 @@ impl ServerOptions {
     }
 }
 
-/// Certificates and keys generated for a TLS test server, as PEM files.
-///
-/// ```no_run
-/// # async fn run() {
-/// use sd_etcd::testing::{EtcdServer, ServerOptions};
-/// let etcd = EtcdServer::start_with(ServerOptions::new().with_tls()).await;
-/// let tls = etcd.tls().expect("started with TLS");
-/// let options = sd_etcd::ClientOptions::new()
-///     .with_ca_file(&tls.ca)
-///     .with_client_cert_files(&tls.client_cert, &tls.client_key);
-/// # let _ = options; }
-/// ```
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The CA that signed the server and client certificates.
-    pub ca: PathBuf,
-    /// The server certificate (SAN `IP:127.0.0.1` and `localhost`).
-    pub server_cert: PathBuf,
-    /// The server key.
-    pub server_key: PathBuf,
-    /// A client certificate signed by `ca`.
-    pub client_cert: PathBuf,
-    /// Its key.
-    pub client_key: PathBuf,
-    /// Another CA, which signed nothing etcd uses (for "wrong CA" tests).
-    pub other_ca: PathBuf,
-}
-
-/// A single-node test etcd. See the [module docs](self).
+/// A single-node test etcd. See the [module docs](crate::testing).
 ///
 /// ```no_run
 /// # async fn run() {
@@ -258,6 +218,53 @@ impl EtcdServer {
         self.cluster.restart(0).await
     }
 
+    /// Replaces etcd with a brand-new, empty one on the same ports: kills it, deletes its data
+    /// and starts it as a new cluster (a new cluster id, revisions starting over), then waits
+    /// until it answers. With [`ServerOptions::with_auth`], auth is enabled again (user and
+    /// role `root`, same password); TLS files stay the same. Clients see a store that lost
+    /// everything.
+    ///
+    /// ```no_run
+    /// # async fn f(etcd: &mut sd_etcd::testing::EtcdServer) {
+    /// let endpoint = etcd.endpoint();
+    /// etcd.wipe().await;
+    /// assert_eq!(etcd.endpoint(), endpoint);
+    /// # }
+    /// ```
+    pub async fn wipe(&mut self) {
+        self.cluster.wipe(0).await
+    }
+
+    /// Saves a snapshot of etcd's data into a new file under the server's data directory and
+    /// returns its path, for [`restore_snapshot`](Self::restore_snapshot).
+    ///
+    /// ```no_run
+    /// # async fn f(etcd: &sd_etcd::testing::EtcdServer) {
+    /// let snapshot = etcd.snapshot_save().await;
+    /// println!("{}", snapshot.display());
+    /// # }
+    /// ```
+    pub async fn snapshot_save(&self) -> PathBuf {
+        self.cluster.snapshot_save(0).await
+    }
+
+    /// Rolls etcd back to `snapshot` (from [`snapshot_save`](Self::snapshot_save)) on the same
+    /// ports: kills it, deletes its data, restores the snapshot with `etcdctl snapshot restore`
+    /// as a new cluster (a new cluster id; the revision goes back to the snapshot's), starts it
+    /// and waits until it answers. Users, roles and auth come back as they were in the snapshot.
+    /// Panics if `etcdctl` is missing or fails.
+    ///
+    /// ```no_run
+    /// # async fn f(etcd: &mut sd_etcd::testing::EtcdServer) {
+    /// let snapshot = etcd.snapshot_save().await;
+    /// // ... more writes ...
+    /// etcd.restore_snapshot(&snapshot).await; // the writes are gone
+    /// # }
+    /// ```
+    pub async fn restore_snapshot(&mut self, snapshot: &Path) {
+        self.cluster.restore_snapshot(0, snapshot).await
+    }
+
     /// Freezes etcd (SIGSTOP): its connections stay open, nothing answers.
     ///
     /// ```no_run
@@ -295,8 +302,9 @@ struct Node {
     child: Option<Child>,
 }
 
-/// A test etcd cluster of one or more nodes. See the [module docs](self). Run multi-node tests
-/// one at a time (a test binary of their own): they are heavy for a small machine.
+/// A test etcd cluster of one or more nodes. See the [module docs](crate::testing). Run
+/// multi-node tests one at a time (a test binary of their own): they are heavy for a small
+/// machine.
 ///
 /// ```no_run
 /// # async fn run() {
@@ -309,8 +317,16 @@ pub struct EtcdCluster {
     nodes: Vec<Node>,
     initial_cluster: String,
     token: String,
+    /// How many times the cluster was recreated (wiped or restored): makes each new token unique.
+    generation: u32,
+    /// Where node data, logs, certificates and snapshots live.
+    base: PathBuf,
+    /// Snapshots taken so far (names the next snapshot file).
+    snapshots: AtomicU32,
     tls: Option<TlsFiles>,
     auth: Option<String>,
+    /// More etcd arguments, from [`ServerOptions::with_arg`].
+    extra_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -330,140 +346,6 @@ impl fmt::Debug for EtcdCluster {
             .field("auth", &self.auth.is_some())
             .finish()
     }
-}
-
-/// Spawns children from one thread that lives as long as the process: `PR_SET_PDEATHSIG`
-/// fires when the *thread* that forked dies, and test threads come and go.
-fn spawn(mut cmd: Command) -> io::Result<Child> {
-    type Req = (Command, mpsc::Sender<io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Req>>> = OnceLock::new();
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Req>();
-        std::thread::Builder::new()
-            .name("etcd-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("cannot start the etcd spawner thread");
-        Mutex::new(tx)
-    });
-    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let (reply_tx, reply_rx) = mpsc::channel();
-    tx.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply_tx))
-        .map_err(|_| io::Error::other("etcd spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("etcd spawner thread is gone"))?
-}
-
-/// A port no other node of this process got, free right now.
-///
-/// Ports come from below the kernel's ephemeral range: a port in that range can be taken at any
-/// moment by an outgoing connection's local end (etcd's own clients included), which would make
-/// etcd's listen, or a restart on the same port, fail with "address already in use".
-fn next_port() -> u16 {
-    const LOW: u32 = 10_000;
-    static NEXT: OnceLock<(AtomicU32, u32)> = OnceLock::new();
-    let (next, high) = NEXT.get_or_init(|| {
-        let high = ephemeral_low().clamp(LOW + 1_000, 65_535);
-        (AtomicU32::new(LOW + fastrand::u32(0..high - LOW)), high)
-    });
-    loop {
-        let p = next.fetch_add(1, Ordering::Relaxed);
-        let port = LOW + (p - LOW) % (high - LOW);
-        if let Ok(port) = u16::try_from(port) {
-            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                return port;
-            }
-        }
-    }
-}
-
-/// The first port of the kernel's ephemeral range (Linux's default when it can't be read).
-fn ephemeral_low() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(32_768)
-}
-
-fn etcd_bin() -> String {
-    std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
-}
-
-fn write(path: &Path, contents: &str) {
-    std::fs::write(path, contents)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-/// Generates the CA, server and client certificates into `dir`.
-fn generate_tls(dir: &Path) -> TlsFiles {
-    let fail = |e: rcgen::Error| -> ! { panic!("generating test certificates: {e}") };
-    let ca_for = |cn: &str| {
-        let key = KeyPair::generate().unwrap_or_else(|e| fail(e));
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| fail(e));
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).unwrap_or_else(|e| fail(e));
-        (cert, key)
-    };
-    let (ca, ca_key) = ca_for("sd-etcd test CA");
-    let (other, _) = ca_for("sd-etcd unrelated CA");
-
-    let server_key = KeyPair::generate().unwrap_or_else(|e| fail(e));
-    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap_or_else(|e| fail(e));
-    sp.subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    sp.distinguished_name.push(DnType::CommonName, "127.0.0.1");
-    sp.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let server = sp
-        .signed_by(&server_key, &ca, &ca_key)
-        .unwrap_or_else(|e| fail(e));
-
-    let client_key = KeyPair::generate().unwrap_or_else(|e| fail(e));
-    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| fail(e));
-    cp.distinguished_name
-        .push(DnType::CommonName, "sd-etcd-test-client");
-    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client = cp
-        .signed_by(&client_key, &ca, &ca_key)
-        .unwrap_or_else(|e| fail(e));
-
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        server_cert: dir.join("server.pem"),
-        server_key: dir.join("server-key.pem"),
-        client_cert: dir.join("client.pem"),
-        client_key: dir.join("client-key.pem"),
-        other_ca: dir.join("other-ca.pem"),
-    };
-    write(&files.ca, &ca.pem());
-    write(&files.server_cert, &server.pem());
-    write(&files.server_key, &server_key.serialize_pem());
-    write(&files.client_cert, &client.pem());
-    write(&files.client_key, &client_key.serialize_pem());
-    write(&files.other_ca, &other.pem());
-    files
 }
 
 impl EtcdCluster {
@@ -496,15 +378,7 @@ impl EtcdCluster {
                 (None, d.clone())
             }
             None => {
-                let shm = Path::new("/dev/shm");
-                let mut b = tempfile::Builder::new();
-                b.prefix("sd-etcd-test-");
-                let t = if shm.is_dir() {
-                    b.tempdir_in(shm)
-                } else {
-                    b.tempdir()
-                }
-                .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+                let t = scratch_dir();
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
@@ -538,10 +412,14 @@ impl EtcdCluster {
             .join(",");
         let mut cluster = EtcdCluster {
             token: format!("sd-test-{}-{}", std::process::id(), nodes[0].client_port),
+            generation: 0,
+            base,
+            snapshots: AtomicU32::new(0),
             nodes,
             initial_cluster,
             tls,
             auth: None,
+            extra_args: options.extra_args.clone(),
             _tmp: tmp,
         };
         for i in 0..n {
@@ -551,7 +429,7 @@ impl EtcdCluster {
             cluster.wait_ready(i).await;
         }
         if let Some(password) = options.auth {
-            cluster.enable_auth(&password).await;
+            cluster.enable_auth(0, &password).await;
             cluster.auth = Some(password);
         }
         cluster
@@ -584,7 +462,8 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .args(["--log-level", "warn"]);
+            .args(["--log-level", "warn"])
+            .args(&self.extra_args);
         if let Some(tls) = &self.tls {
             cmd.arg("--cert-file")
                 .arg(&tls.server_cert)
@@ -680,8 +559,9 @@ impl EtcdCluster {
         }
     }
 
-    async fn enable_auth(&self, password: &str) {
-        let mut c = self.raw_client_with(0, false).await;
+    /// Adds user `root` with `password` and role `root`, then enables auth, through node `i`.
+    async fn enable_auth(&self, i: usize, password: &str) {
+        let mut c = self.raw_client_with(i, false).await;
         let fail =
             |what: &str, e: etcd_client::Error| -> ! { panic!("enabling auth: {what}: {e}") };
         c.user_add("root", password, None)
@@ -838,12 +718,7 @@ impl EtcdCluster {
     /// ```
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: plain syscall on the PID of a child we have not reaped yet.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
+            signal(&child, libc::SIGKILL);
             let _ = child.wait();
         }
     }
@@ -860,14 +735,155 @@ impl EtcdCluster {
         self.wait_ready(i).await;
     }
 
+    /// Replaces node `i` with a brand-new, empty etcd on the same ports and flags, as an
+    /// operator who deletes the data directory and restarts etcd would: kills it, deletes its
+    /// data and starts it again (revisions and raft terms start over; the cluster id, which etcd
+    /// derives from the flags, stays the same), then
+    /// waits until it answers. With [`ServerOptions::with_auth`], auth is enabled again (user
+    /// and role `root`, same password); TLS files stay the same.
+    ///
+    /// Only for one-node clusters: panics if the cluster has more nodes.
+    ///
+    /// ```no_run
+    /// # async fn f(c: &mut sd_etcd::testing::EtcdCluster) {
+    /// c.wipe(0).await;
+    /// # }
+    /// ```
+    pub async fn wipe(&mut self, i: usize) {
+        self.assert_single_node("wipe");
+        self.kill(i);
+        self.remove_data(i);
+        self.spawn_node(i);
+        self.wait_ready(i).await;
+        if let Some(password) = self.auth.clone() {
+            self.enable_auth(i, &password).await;
+        }
+        tracing::debug!(node = %self.nodes[i].name, "etcd wiped");
+    }
+
+    /// Saves a snapshot of node `i`'s data (etcd's maintenance snapshot, as `etcdctl snapshot
+    /// save` does) into a new file under the cluster's data directory and returns its path, for
+    /// [`restore_snapshot`](Self::restore_snapshot). Panics if the node cannot send it.
+    ///
+    /// ```no_run
+    /// # async fn f(c: &sd_etcd::testing::EtcdCluster) {
+    /// let snapshot = c.snapshot_save(0).await;
+    /// println!("{}", snapshot.display());
+    /// # }
+    /// ```
+    pub async fn snapshot_save(&self, i: usize) -> PathBuf {
+        let n = self.snapshots.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .base
+            .join(format!("{}-snapshot-{n}.db", self.nodes[i].name));
+        let url = self.endpoint(i);
+        let fail = |what: &str, e: etcd_client::Error| -> ! {
+            panic!("saving a snapshot of {url}: {what}: {e}")
+        };
+        let options = self.raw_options(true).with_timeout(SNAPSHOT_TIMEOUT);
+        let mut c = etcd_client::Client::connect([url.as_str()], Some(options))
+            .await
+            .unwrap_or_else(|e| fail("connecting", e));
+        let mut stream = c.snapshot().await.unwrap_or_else(|e| fail("starting", e));
+        let mut data = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .unwrap_or_else(|e| fail("receiving", e))
+        {
+            data.extend_from_slice(chunk.blob());
+        }
+        std::fs::write(&path, &data)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        tracing::debug!(
+            node = %self.nodes[i].name,
+            path = %path.display(),
+            bytes = data.len(),
+            "etcd snapshot saved"
+        );
+        path
+    }
+
+    /// Rolls node `i` back to `snapshot` (from [`snapshot_save`](Self::snapshot_save)) on the
+    /// same ports: kills it, deletes its data, runs `etcdctl snapshot restore` into its data
+    /// directory as a new cluster (a new cluster id; the revision goes back to the snapshot's),
+    /// starts it on the restored data and waits until it answers. Users, roles and auth come
+    /// back as they were in the snapshot.
+    ///
+    /// Only for one-node clusters: panics if the cluster has more nodes, or if `etcdctl` (on
+    /// `PATH`, or `$ETCDCTL_BIN`) is missing or fails.
+    ///
+    /// ```no_run
+    /// # async fn f(c: &mut sd_etcd::testing::EtcdCluster) {
+    /// let snapshot = c.snapshot_save(0).await;
+    /// c.restore_snapshot(0, &snapshot).await;
+    /// # }
+    /// ```
+    pub async fn restore_snapshot(&mut self, i: usize, snapshot: &Path) {
+        self.assert_single_node("restore_snapshot");
+        self.kill(i);
+        self.remove_data(i);
+        self.new_token();
+        let node = &self.nodes[i];
+        let peer_url = format!("http://127.0.0.1:{}", node.peer_port);
+        let args: Vec<OsString> = vec![
+            "snapshot".into(),
+            "restore".into(),
+            snapshot.into(),
+            "--data-dir".into(),
+            node.data_dir.clone().into(),
+            "--name".into(),
+            node.name.clone().into(),
+            "--initial-cluster".into(),
+            self.initial_cluster.clone().into(),
+            "--initial-cluster-token".into(),
+            self.token.clone().into(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.into(),
+        ];
+        etcdctl(args).await;
+        self.spawn_node(i);
+        self.wait_ready(i).await;
+        tracing::debug!(
+            node = %self.nodes[i].name,
+            snapshot = %snapshot.display(),
+            "etcd restored"
+        );
+    }
+
+    fn assert_single_node(&self, what: &str) {
+        assert!(
+            self.nodes.len() == 1,
+            "EtcdCluster::{what} supports one-node clusters only (this one has {} nodes)",
+            self.nodes.len()
+        );
+    }
+
+    /// Deletes node `i`'s data directory (the node must not run).
+    fn remove_data(&self, i: usize) {
+        let dir = &self.nodes[i].data_dir;
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("cannot delete {}: {e}", dir.display()),
+        }
+    }
+
+    /// A cluster token no earlier incarnation of this cluster used: etcd derives the member and
+    /// cluster ids from it, so a node started from empty data with it forms a new cluster.
+    fn new_token(&mut self) {
+        self.generation += 1;
+        self.token = format!(
+            "sd-test-{}-{}-{}",
+            std::process::id(),
+            self.nodes[0].client_port,
+            self.generation
+        );
+    }
+
     fn signal(&self, i: usize, sig: libc::c_int) {
         if let Some(child) = &self.nodes[i].child {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: plain syscall on the PID of a child we have not reaped yet.
-                unsafe {
-                    libc::kill(pid, sig);
-                }
-            }
+            signal(child, sig);
         }
     }
 
@@ -919,133 +935,5 @@ impl Drop for EtcdCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
-    }
-}
-
-/// A TCP proxy on loopback in front of an etcd endpoint, that tests can cut: every open
-/// connection is closed and new ones are refused (accepted and closed at once) until healed.
-/// Lets a test cut one client off while another keeps using etcd.
-///
-/// ```no_run
-/// # async fn run() {
-/// use sd_etcd::testing::{EtcdServer, TcpProxy};
-/// let etcd = EtcdServer::start().await;
-/// let proxy = TcpProxy::start(&etcd.endpoint()).await;
-/// let url = proxy.endpoint(); // give this one to the client under test
-/// proxy.cut();
-/// proxy.heal();
-/// # let _ = url; }
-/// ```
-#[derive(Debug)]
-pub struct TcpProxy {
-    port: u16,
-    scheme: &'static str,
-    cut: tokio::sync::watch::Sender<u64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TcpProxy {
-    /// Starts a proxy to `endpoint` (`http://127.0.0.1:PORT` or `https://...`).
-    ///
-    /// ```no_run
-    /// # async fn f(etcd: &sd_etcd::testing::EtcdServer) {
-    /// let proxy = sd_etcd::testing::TcpProxy::start(&etcd.endpoint()).await;
-    /// # let _ = proxy; }
-    /// ```
-    pub async fn start(endpoint: &str) -> Self {
-        let scheme = if endpoint.starts_with("https://") {
-            "https"
-        } else {
-            "http"
-        };
-        let target = endpoint
-            .trim_start_matches("https://")
-            .trim_start_matches("http://")
-            .to_string();
-        let port = next_port();
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-            .await
-            .unwrap_or_else(|e| panic!("proxy cannot listen on 127.0.0.1:{port}: {e}"));
-        // The value counts cuts; odd means "cut now".
-        let (cut, rx) = tokio::sync::watch::channel(0u64);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut rx = rx.clone();
-                if *rx.borrow_and_update() % 2 == 1 {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.changed() => {}
-                    }
-                });
-            }
-        });
-        TcpProxy {
-            port,
-            scheme,
-            cut,
-            task,
-        }
-    }
-
-    /// The URL clients should use.
-    ///
-    /// ```no_run
-    /// # fn f(p: &sd_etcd::testing::TcpProxy) { println!("{}", p.endpoint()); }
-    /// ```
-    pub fn endpoint(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.port)
-    }
-
-    /// Closes every connection and refuses new ones until [`heal`](Self::heal).
-    ///
-    /// ```no_run
-    /// # fn f(p: &sd_etcd::testing::TcpProxy) { p.cut(); }
-    /// ```
-    pub fn cut(&self) {
-        self.cut.send_modify(|n| {
-            if *n % 2 == 0 {
-                *n += 1
-            }
-        });
-    }
-
-    /// Lets connections through again.
-    ///
-    /// ```no_run
-    /// # fn f(p: &sd_etcd::testing::TcpProxy) { p.heal(); }
-    /// ```
-    pub fn heal(&self) {
-        self.cut.send_modify(|n| {
-            if *n % 2 == 1 {
-                *n += 1
-            }
-        });
-    }
-
-    /// Closes every open connection once (they may reconnect at once).
-    ///
-    /// ```no_run
-    /// # fn f(p: &sd_etcd::testing::TcpProxy) { p.reset_connections(); }
-    /// ```
-    pub fn reset_connections(&self) {
-        self.cut.send_modify(|n| *n += 2);
-    }
-}
-
-impl Drop for TcpProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.cut();
     }
 }
