@@ -64,6 +64,19 @@ pub enum Error {
     /// The key was put on a lease etcd no longer knows (it expired or was revoked).
     #[error("lease {0:x} not found: it expired or was revoked; a new one must be granted")]
     LeaseNotFound(i64),
+    /// A registered key is held by another lease: another registrar registered it on purpose,
+    /// and it is left to that registrar until it goes away.
+    #[error("key {key} is held by another lease ({lease:x}): another registrar owns it; this one puts it back once it is gone")]
+    TakenOver {
+        /// The key.
+        key: String,
+        /// The lease that holds it now.
+        lease: i64,
+    },
+    /// A registered key was deleted or overwritten behind the registrar's back; it is being
+    /// put back.
+    #[error("key {0} was deleted or overwritten behind the registrar's back; putting it back")]
+    KeyLost(String),
     /// An etcd call did not answer within the request timeout.
     #[error("etcd {op} timed out after {after:?} (is etcd overloaded, or is the node hung?)")]
     Timeout {
@@ -79,6 +92,13 @@ pub enum Error {
         op: &'static str,
         /// The error of the etcd client.
         source: Arc<etcd_client::Error>,
+    },
+    /// One etcd response was larger than the client may decode (a single value larger than the
+    /// limit, as prefix reads are paginated and watches fragmented).
+    #[error("an etcd response exceeded the client's decoding limit of {limit} bytes: raise it with ClientOptions::with_max_response_size")]
+    TooLarge {
+        /// The limit in force.
+        limit: usize,
     },
     /// A watch stream broke, was canceled by etcd or stopped answering.
     #[error("etcd watch failed: {0}")]
@@ -111,6 +131,43 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether etcd refused the request because it is overloaded (`too many requests`): the
+    /// node is alive, and the same request may succeed after a pause.
+    ///
+    /// ```
+    /// assert!(!sd_etcd::Error::NoKey.is_overload());
+    /// ```
+    pub fn is_overload(&self) -> bool {
+        match self {
+            Error::Etcd { source, .. } => match source.as_ref() {
+                etcd_client::Error::GRpcStatus(s) => s.message().contains("too many requests"),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Whether etcd refused the auth token (expired, or forgotten by a restarted etcd): a new
+    /// token, from the same credentials, is likely to work.
+    ///
+    /// ```
+    /// assert!(sd_etcd::Error::Auth("etcdserver: invalid auth token".into()).is_invalid_token());
+    /// assert!(!sd_etcd::Error::Auth("authentication failed, invalid user ID or password".into())
+    ///     .is_invalid_token());
+    /// ```
+    pub fn is_invalid_token(&self) -> bool {
+        match self {
+            Error::Auth(m) => is_token_message(m),
+            _ => false,
+        }
+    }
+}
+
+/// etcd's words for a token it does not accept (3.4 says "invalid auth token"; a watch canceled
+/// for an expired token says "permission denied" in 3.4, later versions name the token).
+pub(crate) fn is_token_message(m: &str) -> bool {
+    m.contains("invalid auth token") || m.contains("auth token is expired")
 }
 
 /// Classifies etcd-client errors: transport trouble and leader changes are worth a retry.
@@ -141,7 +198,6 @@ fn retryable_server_message(msg: &str) -> bool {
         "no leader",
         "request timed out",
         "not capable",
-        "too many requests",
         "transport",
         "connection",
     ]

@@ -17,14 +17,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions, WatchResponse,
+    Certificate, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchResponse,
 };
 use futures::StreamExt;
 use tokio::time::{timeout, Instant};
 
-use crate::error::{is_auth, is_lease_not_found, is_retryable_etcd};
-use crate::{Client, ClientOptions, Error, KeyValue, WatchBatch, WatchEvent, WatchStream};
+use crate::error::{is_auth, is_lease_not_found, is_retryable_etcd, is_token_message};
+use crate::{
+    Client, ClientOptions, Error, Header, KeyValue, LeasePools, WatchBatch, WatchEvent, WatchStream,
+};
 
 /// How often a watch asks etcd for a progress notification, and how long it waits for one
 /// before treating the node as hung (a SIGSTOPped node keeps its TCP connection open).
@@ -58,6 +60,10 @@ struct Inner {
     pinned: AtomicUsize,
     options: ClientOptions,
     connect: ConnectOptions,
+    /// One keep-alive stream per lease, opened on first use and re-opened after a failure.
+    keepers: Mutex<std::collections::HashMap<i64, KeeperSlot>>,
+    /// The leases this client's registrars share.
+    pools: LeasePools,
 }
 
 struct Node {
@@ -210,6 +216,8 @@ impl EtcdClient {
             pinned: AtomicUsize::new(0),
             options,
             connect,
+            keepers: Mutex::new(std::collections::HashMap::new()),
+            pools: LeasePools::new(),
         });
         // Probe every endpoint at once; return at the first answer, and let the probes still
         // running take their endpoints out of rotation if they fail.
@@ -317,8 +325,10 @@ impl EtcdClient {
         &self.inner.options
     }
 
-    /// Runs `f` on a live endpoint within the request timeout, retrying retryable failures on
-    /// the next endpoint. Returns the result and the endpoint that produced it.
+    /// Runs `f` on a live endpoint within the request timeout, retrying node failures on the
+    /// next endpoint, riding out etcd's back-pressure (`too many requests`: the same endpoint,
+    /// after a backoff, within the request timeout) and renewing a refused auth token once.
+    /// Returns the result and the endpoint that produced it.
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<(T, usize), Error>
     where
         F: Fn(etcd_client::Client) -> Fut,
@@ -328,11 +338,16 @@ impl EtcdClient {
         let n = inner.nodes.len();
         let attempts = n.max(2);
         let request_timeout = inner.options.request_timeout();
+        let overload_until = Instant::now() + request_timeout;
+        let mut overloads = 0u32;
+        let mut refreshed = false;
         let mut last = None;
-        for attempt in 0..attempts {
+        let mut attempt = 0;
+        while attempt < attempts {
             if attempt > 0 && n == 1 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            attempt += 1;
             let i = inner.pick();
             let client = match timeout(inner.options.connect_timeout(), inner.node_client(i)).await
             {
@@ -352,16 +367,32 @@ impl EtcdClient {
                     continue;
                 }
             };
-            let guard = InFlight {
-                inner,
-                node: i,
-                start: Instant::now(),
-                done: false,
-            };
-            let result = timeout(request_timeout, f(client)).await;
-            guard.finish();
+            let result = timeout(request_timeout, f(client.clone())).await;
             match result {
                 Ok(Ok(v)) => return Ok((v, i)),
+                Ok(Err(e)) if e.is_overload() => {
+                    // The node is alive and asks us to slow down: not a node failure.
+                    let pause = backoff(overloads, Duration::from_secs(1));
+                    overloads += 1;
+                    if Instant::now() + pause > overload_until {
+                        return Err(e);
+                    }
+                    tracing::debug!(endpoint = %inner.nodes[i].url, op, "etcd is overloaded; backing off");
+                    tokio::time::sleep(pause).await;
+                    attempt -= 1;
+                    last = Some(e);
+                }
+                Ok(Err(e)) if e.is_invalid_token() && !refreshed => {
+                    // etcd forgot our token (it keeps tokens in memory: a restart drops them all).
+                    refreshed = true;
+                    tracing::info!(endpoint = %inner.nodes[i].url, op, "etcd refused the auth token; renewing it");
+                    client
+                        .refresh_token()
+                        .await
+                        .map_err(|e| classify("authenticate", e, None))?;
+                    attempt -= 1;
+                    last = Some(e);
+                }
                 Ok(Err(e)) if e.is_retryable() => {
                     tracing::debug!(endpoint = %inner.nodes[i].url, error = %e, op, "retryable etcd error");
                     inner.mark_dead(i);
@@ -387,35 +418,10 @@ impl EtcdClient {
     }
 }
 
-/// A call in flight on one endpoint. If the caller gives up on it (drops the future, e.g. a
-/// registrar whose heartbeat deadline passed) after [`SLOW_CALL`], the endpoint is treated as
-/// hung and taken out of rotation, so the caller's next attempt goes elsewhere.
-struct InFlight<'a> {
-    inner: &'a Arc<Inner>,
-    node: usize,
-    start: Instant,
-    done: bool,
-}
-
-/// How long a call may run before abandoning it counts against its endpoint.
-const SLOW_CALL: Duration = Duration::from_millis(400);
-
-impl InFlight<'_> {
-    fn finish(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.done && self.start.elapsed() >= SLOW_CALL {
-            tracing::debug!(
-                endpoint = %self.inner.nodes[self.node].url,
-                "etcd call abandoned while in flight: endpoint treated as hung"
-            );
-            self.inner.mark_dead(self.node);
-        }
-    }
+/// Exponential backoff from 50 ms, capped, with jitter.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(50).saturating_mul(1 << failures.min(16));
+    base.min(cap).mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
 impl Inner {
@@ -512,38 +518,85 @@ impl Node {
     }
 }
 
-fn batch_of(resp: &WatchResponse) -> WatchBatch {
-    let events = resp
-        .events()
-        .iter()
-        .filter_map(|ev| {
-            let kv = ev.kv()?;
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let mod_revision = kv.mod_revision();
-            Some(match ev.event_type() {
-                EventType::Put => WatchEvent::Put {
-                    key,
-                    value: String::from_utf8_lossy(kv.value()).into_owned(),
-                    mod_revision,
-                },
-                EventType::Delete => WatchEvent::Delete { key, mod_revision },
-            })
+fn header_of(h: Option<&etcd_client::ResponseHeader>) -> Header {
+    h.map(|h| Header {
+        revision: h.revision(),
+        cluster_id: h.cluster_id(),
+        raft_term: h.raft_term(),
+    })
+    .unwrap_or_default()
+}
+
+fn kv_of(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+fn events_of(resp: &WatchResponse) -> impl Iterator<Item = WatchEvent> + '_ {
+    resp.events().iter().filter_map(|ev| {
+        let kv = ev.kv()?;
+        let key = kv.key().to_vec();
+        let mod_revision = kv.mod_revision();
+        Some(match ev.event_type() {
+            EventType::Put => WatchEvent::Put {
+                key,
+                value: kv.value().to_vec(),
+                mod_revision,
+            },
+            EventType::Delete => WatchEvent::Delete { key, mod_revision },
         })
-        .collect();
+    })
+}
+
+fn batch_of(resp: &WatchResponse, mut fragments: Vec<WatchEvent>) -> WatchBatch {
+    fragments.extend(events_of(resp));
     WatchBatch {
-        events,
-        header_revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+        events: fragments,
+        header: header_of(resp.header()),
         canceled: resp.canceled(),
         compact_revision: resp.compact_revision(),
         cancel_reason: resp.cancel_reason().to_string(),
     }
 }
 
+/// The end of the key range that holds every key starting with `prefix` (etcd's rule: the
+/// prefix with its last byte below 0xff incremented; `\0` means "to the end").
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.last_mut() {
+        if *last < 0xff {
+            *last += 1;
+            return end;
+        }
+        end.pop();
+    }
+    vec![0]
+}
+
+/// Pages of a prefix read aim at this many bytes (well under any decoding limit).
+const PAGE_TARGET_BYTES: usize = 2 << 20;
+/// The most keys one page asks for.
+const PAGE_MAX_KEYS: i64 = 10_000;
+
+fn too_large(e: &etcd_client::Error) -> bool {
+    let s = e.to_string();
+    s.contains("message length too large") || s.contains("larger than max")
+}
+
+fn compacted(e: &Error) -> bool {
+    e.to_string()
+        .contains("required revision has been compacted")
+}
+
 /// The state of one open watch, driven by [`watch_stream`].
 struct WatchState {
     ws: etcd_client::WatchStream,
     client: etcd_client::Client,
-    pending: Option<WatchResponse>,
+    pending: Option<WatchBatch>,
     inner: Arc<Inner>,
     node: usize,
     tick: tokio::time::Interval,
@@ -551,18 +604,19 @@ struct WatchState {
     done: bool,
 }
 
-/// Turns an open etcd watch into a [`WatchStream`]: converts responses, asks for progress
-/// every [`PROGRESS_INTERVAL`] and ends with an error when the node stops answering.
+/// Turns an open etcd watch into a [`WatchStream`]: converts responses, reassembles fragments,
+/// asks for progress every [`PROGRESS_INTERVAL`] and ends with an error when the node stops
+/// answering.
 fn watch_stream(st: WatchState) -> WatchStream {
     futures::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
-        if let Some(resp) = st.pending.take() {
-            let b = batch_of(&resp);
+        if let Some(b) = st.pending.take() {
             st.done = b.canceled;
             return Some((Ok(b), st));
         }
+        let mut fragments: Vec<WatchEvent> = Vec::new();
         loop {
             let deadline = st.deadline;
             let hung = async move {
@@ -576,10 +630,12 @@ fn watch_stream(st: WatchState) -> WatchStream {
                     st.deadline = None;
                     match msg {
                         Ok(Some(resp)) => {
-                            if resp.created() && !resp.canceled() && resp.events().is_empty() {
+                            if resp.0.fragment {
+                                // More of the same revision follows in the next response.
+                                fragments.extend(events_of(&resp));
                                 continue;
                             }
-                            let b = batch_of(&resp);
+                            let b = batch_of(&resp, std::mem::take(&mut fragments));
                             if b.canceled {
                                 st.done = true;
                                 let reason = &b.cancel_reason;
@@ -634,49 +690,158 @@ fn watch_stream(st: WatchState) -> WatchStream {
     .boxed()
 }
 
+/// An open lease keep-alive stream, on one endpoint.
+struct Keeper {
+    node: usize,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+type KeeperSlot = Arc<tokio::sync::Mutex<Option<Keeper>>>;
+
+impl Inner {
+    fn keeper_slot(&self, lease: i64) -> KeeperSlot {
+        let mut map = self.keepers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(lease).or_default().clone()
+    }
+
+    fn forget_keeper(&self, lease: i64) {
+        let mut map = self.keepers.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&lease);
+    }
+}
+
+impl EtcdClient {
+    /// One page of a prefix read: up to `limit` keys from `start`, at `revision` (0: now).
+    async fn range_page(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: i64,
+        revision: i64,
+    ) -> Result<(Vec<KeyValue>, Header, bool), Error> {
+        let max = self.inner.options.max_response_size();
+        let (r, _) = self
+            .call("get", |c| {
+                let (start, end) = (start.clone(), end.clone());
+                async move {
+                    let mut opts = GetOptions::new().with_range(end).with_limit(limit);
+                    if revision > 0 {
+                        opts = opts.with_revision(revision);
+                    }
+                    let resp = c
+                        .kv_client()
+                        .max_decoding_message_size(max)
+                        .get(start, Some(opts))
+                        .await
+                        .map_err(|e| {
+                            if too_large(&e) {
+                                Error::TooLarge { limit: max }
+                            } else {
+                                classify("get", e, None)
+                            }
+                        })?;
+                    let kvs: Vec<KeyValue> = resp.kvs().iter().map(kv_of).collect();
+                    Ok((kvs, header_of(resp.header()), resp.more()))
+                }
+            })
+            .await?;
+        Ok(r)
+    }
+
+    async fn read_prefix_once(&self, prefix: &str) -> Result<(Vec<KeyValue>, Header), Error> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut limit: i64 = 1_000;
+        let mut out: Vec<KeyValue> = Vec::new();
+        let mut header = Header::default();
+        loop {
+            let page = self
+                .range_page(start.clone(), end.clone(), limit, header.revision)
+                .await;
+            let (kvs, h, more) = match page {
+                Ok(p) => p,
+                Err(Error::TooLarge { .. }) if limit > 1 => {
+                    limit = (limit / 8).max(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if header.revision == 0 {
+                header = h;
+            }
+            let bytes: usize = kvs
+                .iter()
+                .map(|kv| kv.key.len() + kv.value.len() + 16)
+                .sum();
+            let n = kvs.len();
+            if let Some(last) = kvs.last() {
+                start = last.key.clone();
+                start.push(0);
+            }
+            out.extend(kvs);
+            if !more || n == 0 {
+                return Ok((out, header));
+            }
+            // Size the next page from this one's bytes per key.
+            let per_key = (bytes / n).max(1);
+            limit = i64::try_from(PAGE_TARGET_BYTES / per_key)
+                .unwrap_or(PAGE_MAX_KEYS)
+                .clamp(1, PAGE_MAX_KEYS);
+        }
+    }
+}
+
 #[async_trait]
 impl Client for EtcdClient {
-    async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), Error> {
+    async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Header), Error> {
+        // Every page is read at the first page's revision; if that revision is compacted
+        // between pages, start again at the current one.
+        let mut tries = 0;
+        loop {
+            match self.read_prefix_once(prefix).await {
+                Err(e) if compacted(&e) && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Header), Error> {
         let (r, _) = self
             .call("get", |mut c| async move {
                 let resp = c
-                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .get(key, None)
                     .await
                     .map_err(|e| classify("get", e, None))?;
-                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                let kvs = resp
-                    .kvs()
-                    .iter()
-                    .map(|kv| KeyValue {
-                        key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        value: String::from_utf8_lossy(kv.value()).into_owned(),
-                        mod_revision: kv.mod_revision(),
-                        lease: kv.lease(),
-                    })
-                    .collect();
-                Ok((kvs, rev))
+                Ok((resp.kvs().first().map(kv_of), header_of(resp.header())))
             })
             .await?;
         Ok(r)
     }
 
     async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, Error> {
-        let ((ws, client, pending), node) = self
-            .call("watch", |mut c| async move {
+        let max = self.inner.options.max_response_size();
+        let ((ws, client, first), node) = self
+            .call("watch", |c| async move {
                 let opts = WatchOptions::new()
                     .with_prefix()
+                    .with_fragment()
                     .with_start_revision(start_revision);
                 let mut ws = c
+                    .watch_client()
+                    .max_decoding_message_size(max)
                     .watch(prefix, Some(opts))
                     .await
                     .map_err(|e| classify("watch", e, None))?;
                 // Wait for `created`, so a watch that returns is a watch etcd accepted.
                 match ws.message().await {
-                    Ok(Some(resp)) if resp.created() && !resp.canceled() => {
-                        let pending = (!resp.events().is_empty()).then_some(resp);
-                        Ok((ws, c, pending))
+                    Ok(Some(resp)) => {
+                        let b = batch_of(&resp, Vec::new());
+                        if b.canceled && is_token_message(&b.cancel_reason) {
+                            return Err(Error::Auth(b.cancel_reason));
+                        }
+                        Ok((ws, c, b))
                     }
-                    Ok(Some(resp)) => Ok((ws, c, Some(resp))),
                     Ok(None) => Err(Error::Watch(
                         "etcd closed the watch stream before creating the watch".into(),
                     )),
@@ -690,7 +855,7 @@ impl Client for EtcdClient {
         Ok(watch_stream(WatchState {
             ws,
             client,
-            pending,
+            pending: Some(first),
             inner: self.inner.clone(),
             node,
             tick,
@@ -712,28 +877,98 @@ impl Client for EtcdClient {
         Ok(r)
     }
 
-    async fn keep_alive(&self, lease: i64) -> Result<i64, Error> {
-        let (r, _) = self
-            .call("lease keep-alive", |mut c| async move {
-                // etcd-client sends the first keep-alive request when it opens the stream and
-                // reads the answer itself (TTL 0 becomes a "lease not found" error); a second
-                // round tells us the remaining TTL.
-                let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
-                    Ok(s) => s,
-                    Err(e) if is_lease_not_found(&e) => return Ok(0),
-                    Err(e) => return Err(classify("lease keep-alive", e, None)),
-                };
-                keeper
+    async fn keep_alive(&self, lease: i64, deadline: Duration) -> Result<bool, Error> {
+        let inner = &self.inner;
+        let slot = inner.keeper_slot(lease);
+        let mut open = slot.lock().await;
+        let i = inner.pick();
+        if open.as_ref().is_some_and(|k| k.node != i) {
+            // Calls moved to another endpoint: so does the keep-alive stream.
+            *open = None;
+        }
+        let round = async {
+            if let Some(k) = open.as_mut() {
+                k.keeper
                     .keep_alive()
                     .await
                     .map_err(|e| classify("lease keep-alive", e, None))?;
-                match stream.message().await {
-                    Ok(Some(resp)) => Ok(resp.ttl().max(0)),
+                return match k.stream.message().await {
+                    Ok(Some(resp)) => Ok(resp.ttl() > 0),
                     Ok(None) => Err(Error::Watch(
                         "etcd closed the lease keep-alive stream".into(),
                     )),
-                    Err(e) if is_lease_not_found(&e) => Ok(0),
+                    Err(e) if is_lease_not_found(&e) => Ok(false),
                     Err(e) => Err(classify("lease keep-alive", e, None)),
+                };
+            }
+            let mut c = inner.node_client(i).await?;
+            let mut refreshed = false;
+            loop {
+                // Opening the stream is itself a round: etcd-client sends the first request and
+                // reads its answer (TTL 0 becomes a "lease not found" error).
+                match c.lease_keep_alive(lease).await {
+                    Ok((keeper, stream)) => {
+                        *open = Some(Keeper {
+                            node: i,
+                            keeper,
+                            stream,
+                        });
+                        return Ok(true);
+                    }
+                    Err(e) if is_lease_not_found(&e) => return Ok(false),
+                    Err(e) => {
+                        let e = classify("lease keep-alive", e, None);
+                        if refreshed || !e.is_invalid_token() {
+                            return Err(e);
+                        }
+                        refreshed = true;
+                        c.refresh_token()
+                            .await
+                            .map_err(|e| classify("authenticate", e, None))?;
+                    }
+                }
+            }
+        };
+        let result = timeout(deadline, round).await;
+        match result {
+            Ok(Ok(true)) => Ok(true),
+            Ok(Ok(false)) => {
+                *open = None;
+                drop(open);
+                inner.forget_keeper(lease);
+                Ok(false)
+            }
+            Ok(Err(e)) => {
+                *open = None;
+                if e.is_retryable() {
+                    inner.mark_dead(i);
+                }
+                Err(e)
+            }
+            Err(_) => {
+                // The node did not answer within the deadline its caller set: hung or cut off.
+                *open = None;
+                tracing::debug!(endpoint = %inner.nodes[i].url, lease, "lease keep-alive unanswered");
+                inner.mark_dead(i);
+                Err(Error::Timeout {
+                    op: "lease keep-alive",
+                    after: deadline,
+                })
+            }
+        }
+    }
+
+    async fn lease_keys(&self, lease: i64) -> Result<Option<Vec<Vec<u8>>>, Error> {
+        let (r, _) = self
+            .call("lease time-to-live", |mut c| async move {
+                match c
+                    .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                    .await
+                {
+                    Ok(resp) if resp.ttl() < 0 => Ok(None),
+                    Ok(resp) => Ok(Some(resp.keys().to_vec())),
+                    Err(e) if is_lease_not_found(&e) => Ok(None),
+                    Err(e) => Err(classify("lease time-to-live", e, None)),
                 }
             })
             .await?;
@@ -749,6 +984,36 @@ impl Client for EtcdClient {
                 .map_err(|e| classify("put", e, lease))
         })
         .await?;
+        Ok(())
+    }
+
+    async fn put_many(
+        &self,
+        entries: &[(String, String)],
+        lease: Option<i64>,
+    ) -> Result<(), Error> {
+        // etcd refuses a transaction that names one key twice: the last value wins.
+        let mut latest: std::collections::HashMap<&str, &str> =
+            std::collections::HashMap::with_capacity(entries.len());
+        for (k, v) in entries {
+            latest.insert(k, v);
+        }
+        let unique: Vec<(&str, &str)> = latest.into_iter().collect();
+        for chunk in unique.chunks(MAX_TXN_OPS) {
+            self.call("put", |mut c| async move {
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|(k, v)| {
+                        TxnOp::put(*k, *v, lease.map(|l| PutOptions::new().with_lease(l)))
+                    })
+                    .collect();
+                c.txn(Txn::new().and_then(ops))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("put", e, lease))
+            })
+            .await?;
+        }
         Ok(())
     }
 
@@ -778,7 +1043,12 @@ impl Client for EtcdClient {
         Ok(())
     }
 
+    fn lease_pools(&self) -> Option<LeasePools> {
+        Some(self.inner.pools.clone())
+    }
+
     async fn revoke(&self, lease: i64) -> Result<(), Error> {
+        self.inner.forget_keeper(lease);
         self.call("lease revoke", |mut c| async move {
             match c.lease_revoke(lease).await {
                 Ok(_) => Ok(()),
@@ -790,6 +1060,9 @@ impl Client for EtcdClient {
         Ok(())
     }
 }
+
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
 
 #[cfg(test)]
 mod tests {

@@ -1,15 +1,15 @@
 //! [`EtcdInstancer`]: a prefix of etcd, followed by a watch, told to subscribers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use sd_core::{Event, EventStream, Publisher};
+use futures::{FutureExt, StreamExt};
+use sd_core::{Event, EventStream, Instance, Publisher};
 use tokio::task::JoinHandle;
 
-use crate::{Client, Error, WatchBatch, WatchEvent};
+use crate::{Client, Error, Header, KeyValue, WatchBatch, WatchEvent};
 
 /// The longest pause between two reconnect or re-read attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -71,17 +71,16 @@ impl EtcdInstancer {
         if !prefix.ends_with('/') {
             return Err(Error::InvalidPrefix(prefix));
         }
-        let (kvs, rev) = client.get_prefix(&prefix).await?;
-        let state: BTreeMap<String, String> =
-            kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
-        let publisher = Arc::new(Publisher::new(Event::from_instances(
-            state.values().map(String::as_str),
-        )));
+        let (kvs, header) = client.get_prefix(&prefix).await?;
+        let mut state = State::default();
+        state.replace(kvs, &prefix);
+        let publisher = Arc::new(Publisher::new(state.event()));
         let watcher = Watcher {
             client,
             prefix: prefix.clone(),
             state,
-            rev,
+            rev: header.revision,
+            store: header,
             publisher: publisher.clone(),
             errored: false,
         };
@@ -129,23 +128,121 @@ fn backoff(failures: u32) -> Duration {
     base.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
+/// The most watch responses applied together before publishing (and yielding to other tasks).
+const MAX_BATCHES_PER_PUBLISH: usize = 256;
+
+/// The prefix's keys and the instances they name.
+///
+/// Keyed by the raw key bytes (a delete names only the key; two keys that differ in bytes that
+/// are not UTF-8 stay two keys). The instance set is every distinct non-empty value, counted, so
+/// a change touches one entry and the set is rebuilt only when it really changed.
+#[derive(Default)]
+struct State {
+    keys: HashMap<Vec<u8>, Instance>,
+    counts: BTreeMap<Instance, usize>,
+    /// Whether the distinct set changed since the last [`event`](Self::event).
+    dirty: bool,
+}
+
+impl State {
+    /// The instance a stored value names: `None` for an empty value or one that is not UTF-8
+    /// (skipped with a warning: an instance is a string).
+    fn instance_of(key: &[u8], value: &[u8], prefix: &str) -> Option<Instance> {
+        if value.is_empty() {
+            return None;
+        }
+        match std::str::from_utf8(value) {
+            Ok(s) => Some(Instance::new(s)),
+            Err(_) => {
+                tracing::warn!(
+                    %prefix,
+                    key = %String::from_utf8_lossy(key),
+                    "value is not UTF-8: key skipped (an instance must be text)"
+                );
+                None
+            }
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: &[u8], prefix: &str) {
+        let instance = Self::instance_of(&key, value, prefix);
+        match instance {
+            Some(i) => {
+                if let Some(old) = self.keys.insert(key, i.clone()) {
+                    if old == i {
+                        return;
+                    }
+                    self.release(&old);
+                }
+                let n = self.counts.entry(i).or_insert(0);
+                *n += 1;
+                self.dirty |= *n == 1;
+            }
+            None => self.delete(&key),
+        }
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        if let Some(old) = self.keys.remove(key) {
+            self.release(&old);
+        }
+    }
+
+    fn release(&mut self, instance: &Instance) {
+        if let Some(n) = self.counts.get_mut(instance) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(instance);
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn replace(&mut self, kvs: Vec<KeyValue>, prefix: &str) {
+        self.keys.clear();
+        self.counts.clear();
+        for kv in kvs {
+            self.put(kv.key, &kv.value, prefix);
+        }
+        self.dirty = true;
+    }
+
+    fn event(&mut self) -> Event {
+        self.dirty = false;
+        // `counts` is sorted and distinct: the set needs no normalising.
+        Event::Instances(self.counts.keys().cloned().collect())
+    }
+}
+
 struct Watcher<C> {
     client: C,
     prefix: String,
-    /// key → value: a delete names only the key.
-    state: BTreeMap<String, String>,
+    state: State,
     /// The revision the state is complete at.
     rev: i64,
+    /// The store the state was read from: its cluster id, and the highest raft term and
+    /// revision it answered with.
+    store: Header,
     publisher: Arc<Publisher>,
     /// Whether the last thing published was an error.
     errored: bool,
 }
 
+/// Why a watch ended.
+enum Ended {
+    /// Re-open it from the last revision applied.
+    Resume,
+    /// The state must be read again (compaction, or a store that went back in time).
+    Reread,
+    /// It failed before delivering anything.
+    Failed(Error),
+}
+
 impl<C: Client> Watcher<C> {
     fn publish(&mut self) {
-        self.publisher.publish(Event::from_instances(
-            self.state.values().map(String::as_str),
-        ));
+        if self.state.dirty || self.errored {
+            self.publisher.publish(self.state.event());
+        }
         self.errored = false;
     }
 
@@ -153,6 +250,41 @@ impl<C: Client> Watcher<C> {
         tracing::warn!(prefix = %self.prefix, error = %e, "etcd watch attempt failed");
         self.publisher.publish(Event::Error(e.into()));
         self.errored = true;
+    }
+
+    /// Whether `h` comes from another store than the one the state was read from: another
+    /// cluster id, or a revision or raft term below what that store already answered with
+    /// (revisions and terms never go back within one store; a wiped or restored one starts
+    /// them again low).
+    fn other_store(&self, h: &Header) -> Option<String> {
+        let known = &self.store;
+        if h.cluster_id != 0 && known.cluster_id != 0 && h.cluster_id != known.cluster_id {
+            return Some(format!(
+                "cluster id changed from {:x} to {:x}",
+                known.cluster_id, h.cluster_id
+            ));
+        }
+        if h.revision != 0 && h.revision < self.rev {
+            return Some(format!(
+                "revision went back from {} to {}",
+                self.rev, h.revision
+            ));
+        }
+        if h.raft_term != 0 && h.raft_term < known.raft_term {
+            return Some(format!(
+                "raft term went back from {} to {}",
+                known.raft_term, h.raft_term
+            ));
+        }
+        None
+    }
+
+    fn note_header(&mut self, h: &Header) {
+        if h.cluster_id != 0 {
+            self.store.cluster_id = h.cluster_id;
+        }
+        self.store.raft_term = self.store.raft_term.max(h.raft_term);
+        self.store.revision = self.store.revision.max(h.revision);
     }
 
     /// Applies one watch response. Events at or below the known revision were already applied
@@ -173,24 +305,90 @@ impl<C: Client> Watcher<C> {
             }
             last = last.max(ev.mod_revision());
             match ev {
-                WatchEvent::Put { key, value, .. } => {
-                    self.state.insert(key, value);
-                }
-                WatchEvent::Delete { key, .. } => {
-                    self.state.remove(&key);
-                }
+                WatchEvent::Put { key, value, .. } => self.state.put(key, &value, &self.prefix),
+                WatchEvent::Delete { key, .. } => self.state.delete(&key),
             }
         }
         self.rev = last;
-        self.publish();
     }
 
     async fn reread(&mut self) -> Result<(), Error> {
-        let (kvs, rev) = self.client.get_prefix(&self.prefix).await?;
-        self.state = kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
-        self.rev = rev;
+        let (kvs, header) = self.client.get_prefix(&self.prefix).await?;
+        self.state.replace(kvs, &self.prefix);
+        self.rev = header.revision;
+        self.store = header;
         self.publish();
         Ok(())
+    }
+
+    /// Follows one open watch until it ends; applies every response already received before
+    /// publishing once, so a burst costs one publish per wake-up, not one per response.
+    async fn follow(&mut self, mut stream: crate::WatchStream) -> (Ended, bool) {
+        let mut yielded = false;
+        loop {
+            let Some(first) = stream.next().await else {
+                return (Ended::Resume, yielded);
+            };
+            let mut item = Some(first);
+            let mut taken = 0;
+            let mut ended = None;
+            while let Some(next) = item.take() {
+                match next {
+                    Ok(b) if b.canceled => {
+                        if b.compact_revision > 0 {
+                            tracing::info!(
+                                prefix = %self.prefix,
+                                compact_revision = b.compact_revision,
+                                "watch revision compacted; re-reading the prefix"
+                            );
+                            yielded = true;
+                            ended = Some(Ended::Reread);
+                        } else if !b.cancel_reason.is_empty() {
+                            ended = Some(Ended::Failed(Error::Watch(format!(
+                                "etcd canceled the watch: {}",
+                                b.cancel_reason
+                            ))));
+                        } else {
+                            ended = Some(Ended::Resume);
+                        }
+                        break;
+                    }
+                    Ok(b) => {
+                        if let Some(why) = self.other_store(&b.header) {
+                            tracing::warn!(
+                                prefix = %self.prefix,
+                                %why,
+                                "etcd is another store than the one read (restored from a backup, \
+                                 or wiped): re-reading the prefix and replacing the instances"
+                            );
+                            yielded = true;
+                            ended = Some(Ended::Reread);
+                            break;
+                        }
+                        self.note_header(&b.header);
+                        yielded = true;
+                        self.apply(b);
+                    }
+                    Err(e) => {
+                        tracing::debug!(prefix = %self.prefix, error = %e, "watch stream broke");
+                        ended = Some(Ended::Failed(e));
+                        break;
+                    }
+                }
+                taken += 1;
+                if taken < MAX_BATCHES_PER_PUBLISH {
+                    item = stream.next().now_or_never().flatten();
+                }
+            }
+            if !matches!(ended, Some(Ended::Reread)) {
+                self.publish();
+            }
+            if let Some(e) = ended {
+                return (e, yielded);
+            }
+            // Let heartbeats and other watches run between bursts.
+            tokio::task::yield_now().await;
+        }
     }
 
     async fn run(mut self) {
@@ -213,7 +411,7 @@ impl<C: Client> Watcher<C> {
                     }
                 }
             }
-            let mut stream = match self.client.watch_prefix(&self.prefix, self.rev + 1).await {
+            let stream = match self.client.watch_prefix(&self.prefix, self.rev + 1).await {
                 Ok(s) => s,
                 Err(e) => {
                     failures += 1;
@@ -224,48 +422,20 @@ impl<C: Client> Watcher<C> {
             if self.errored {
                 self.publish();
             }
-            let mut yielded = false;
-            let mut ended_by = None;
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(b) if b.canceled => {
-                        if b.compact_revision > 0 {
-                            tracing::info!(
-                                prefix = %self.prefix,
-                                compact_revision = b.compact_revision,
-                                "watch revision compacted; re-reading the prefix"
-                            );
-                            need_reread = true;
-                            yielded = true;
-                        } else if !b.cancel_reason.is_empty() {
-                            ended_by = Some(Error::Watch(format!(
-                                "etcd canceled the watch: {}",
-                                b.cancel_reason
-                            )));
-                        }
-                        break;
-                    }
-                    Ok(b) => {
-                        yielded = true;
-                        self.apply(b);
-                    }
-                    Err(e) => {
-                        tracing::debug!(prefix = %self.prefix, error = %e, "watch stream broke");
-                        ended_by = Some(e);
-                        break;
-                    }
+            let (ended, yielded) = self.follow(stream).await;
+            match ended {
+                Ended::Reread => {
+                    need_reread = true;
+                    failures = 0;
                 }
-            }
-            drop(stream);
-            match ended_by {
                 // The stream worked for a while: re-open at once.
                 _ if yielded => failures = 0,
                 // It broke before delivering anything: that counts as a failed attempt.
-                Some(e) => {
+                Ended::Failed(e) => {
                     failures += 1;
                     self.publish_error(e);
                 }
-                None => failures += 1,
+                Ended::Resume => failures += 1,
             }
         }
     }
@@ -282,8 +452,8 @@ mod tests {
 
     fn kv(key: &str, value: &str, rev: i64) -> KeyValue {
         KeyValue {
-            key: key.into(),
-            value: value.into(),
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
             mod_revision: rev,
             lease: 0,
         }
@@ -291,15 +461,15 @@ mod tests {
 
     fn put(key: &str, value: &str, rev: i64) -> WatchEvent {
         WatchEvent::Put {
-            key: key.into(),
-            value: value.into(),
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
             mod_revision: rev,
         }
     }
 
     fn del(key: &str, rev: i64) -> WatchEvent {
         WatchEvent::Delete {
-            key: key.into(),
+            key: key.as_bytes().to_vec(),
             mod_revision: rev,
         }
     }
@@ -307,9 +477,17 @@ mod tests {
     fn events(evs: Vec<WatchEvent>, rev: i64) -> Result<WatchBatch, Error> {
         Ok(WatchBatch {
             events: evs,
-            header_revision: rev,
+            header: hdr(rev),
             ..Default::default()
         })
+    }
+
+    fn hdr(revision: i64) -> Header {
+        Header {
+            revision,
+            cluster_id: 1,
+            raft_term: 2,
+        }
     }
 
     /// A watch stream that yields `items`, then stays open forever (as etcd's does).
@@ -358,7 +536,7 @@ mod tests {
         let mut mock = MockClient::new();
         mock.expect_get_prefix()
             .times(1)
-            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 3)], 10)));
+            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 3)], hdr(10))));
         mock.expect_watch_prefix()
             .withf(|p, rev| p == "/svc/" && *rev == 11)
             .times(1)
@@ -384,7 +562,7 @@ mod tests {
         let mut mock = MockClient::new();
         mock.expect_get_prefix()
             .times(1)
-            .returning(|_| Ok((vec![], 5)));
+            .returning(|_| Ok((vec![], hdr(5))));
         let starts = Arc::new(Mutex::new(Vec::new()));
         let st = starts.clone();
         mock.expect_watch_prefix().returning(move |_, rev| {
@@ -422,10 +600,13 @@ mod tests {
         let r = reads.clone();
         mock.expect_get_prefix().returning(move |_| {
             if r.fetch_add(1, Ordering::SeqCst) == 0 {
-                Ok((vec![kv("/svc/a", "a:1", 2), kv("/svc/b", "b:1", 3)], 3))
+                Ok((vec![kv("/svc/a", "a:1", 2), kv("/svc/b", "b:1", 3)], hdr(3)))
             } else {
                 // a was deleted and c added in the compacted window.
-                Ok((vec![kv("/svc/b", "b:1", 3), kv("/svc/c", "c:1", 20)], 25))
+                Ok((
+                    vec![kv("/svc/b", "b:1", 3), kv("/svc/c", "c:1", 20)],
+                    hdr(25),
+                ))
             }
         });
         let starts = Arc::new(Mutex::new(Vec::new()));
@@ -455,7 +636,7 @@ mod tests {
     async fn failed_reconnect_publishes_error_then_recovers() {
         let mut mock = MockClient::new();
         mock.expect_get_prefix()
-            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 2)], 2)));
+            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 2)], hdr(2))));
         let opens = Arc::new(AtomicUsize::new(0));
         let o = opens.clone();
         mock.expect_watch_prefix()
@@ -485,7 +666,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failing_reconnects_back_off_exponentially_with_jitter() {
         let mut mock = MockClient::new();
-        mock.expect_get_prefix().returning(|_| Ok((vec![], 2)));
+        mock.expect_get_prefix().returning(|_| Ok((vec![], hdr(2))));
         let calls = Arc::new(Mutex::new(Vec::new()));
         let c = calls.clone();
         mock.expect_watch_prefix().returning(move |_, _| {
@@ -516,7 +697,7 @@ mod tests {
     async fn cancel_reason_takes_the_error_path_and_reopens() {
         let mut mock = MockClient::new();
         mock.expect_get_prefix()
-            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 2)], 2)));
+            .returning(|_| Ok((vec![kv("/svc/a", "a:1", 2)], hdr(2))));
         let opens = Arc::new(AtomicUsize::new(0));
         let o = opens.clone();
         mock.expect_watch_prefix().returning(move |_, _| {
@@ -555,7 +736,7 @@ mod tests {
     #[tokio::test]
     async fn progress_revision_neither_skips_queued_events_nor_moves_the_resume_revision() {
         let mut mock = MockClient::new();
-        mock.expect_get_prefix().returning(|_| Ok((vec![], 2)));
+        mock.expect_get_prefix().returning(|_| Ok((vec![], hdr(2))));
         let starts = Arc::new(Mutex::new(Vec::new()));
         let st = starts.clone();
         mock.expect_watch_prefix().returning(move |_, rev| {
@@ -577,5 +758,145 @@ mod tests {
         let mut s = inst.subscribe();
         wait_for(&mut s, Event::from_instances(["a:1", "b:1", "c:1"])).await;
         assert_eq!(*starts.lock().unwrap(), vec![3, 21]);
+    }
+
+    /// A store that went back in time (restored, or wiped) is read again and *replaces* the
+    /// state: nothing of the old store survives, and the set is published once.
+    #[tokio::test]
+    async fn a_rewound_or_replaced_store_is_reread_and_replaces_the_state() {
+        for (name, created) in [
+            (
+                "revision went back",
+                Header {
+                    revision: 3,
+                    cluster_id: 1,
+                    raft_term: 2,
+                },
+            ),
+            (
+                "cluster id changed",
+                Header {
+                    revision: 50,
+                    cluster_id: 9,
+                    raft_term: 2,
+                },
+            ),
+            (
+                "raft term went back",
+                Header {
+                    revision: 50,
+                    cluster_id: 1,
+                    raft_term: 1,
+                },
+            ),
+        ] {
+            let mut mock = MockClient::new();
+            let reads = Arc::new(AtomicUsize::new(0));
+            let r = reads.clone();
+            mock.expect_get_prefix().returning(move |_| {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Ok((vec![kv("/svc/old", "old:1", 20)], hdr(20)))
+                } else {
+                    Ok((vec![kv("/svc/new", "new:1", 2)], created))
+                }
+            });
+            let starts = Arc::new(Mutex::new(Vec::new()));
+            let st = starts.clone();
+            mock.expect_watch_prefix().returning(move |_, rev| {
+                st.lock().unwrap().push(rev);
+                let mut batches = vec![Ok(WatchBatch {
+                    header: created,
+                    ..Default::default()
+                })];
+                if rev == 21 {
+                    // Events of the new store must not be applied over the old state.
+                    batches.push(events(vec![put("/svc/x", "x:1", 30)], 30));
+                }
+                Ok(stream_of(batches))
+            });
+            let inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
+            let mut s = inst.subscribe();
+            let mut seen = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(ev) = s.next().await {
+                    seen.push(ev.clone());
+                    if ev == Event::from_instances(["new:1"]) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            assert!(r.is_ok(), "{name}: never replaced; seen {seen:?}");
+            assert_eq!(
+                seen,
+                vec![
+                    Event::from_instances(["old:1"]),
+                    Event::from_instances(["new:1"])
+                ],
+                "{name}: no mixed or stale set in between"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(reads.load(Ordering::SeqCst), 2, "{name}");
+            let starts = starts.lock().unwrap().clone();
+            assert_eq!(starts[0], 21, "{name}");
+            assert_eq!(
+                starts[1],
+                created.revision + 1,
+                "{name}: watch resumes after the re-read"
+            );
+        }
+    }
+
+    /// Keys are bytes: two keys that differ only in bytes that are not UTF-8 are two entries,
+    /// and deleting one keeps the other's instance. A value that is not UTF-8 is skipped.
+    #[tokio::test]
+    async fn keys_are_bytes_and_bad_values_are_skipped() {
+        let k1 = b"/svc/\xff1".to_vec();
+        let k2 = b"/svc/\xfe1".to_vec();
+        let (a, b) = (k1.clone(), k2.clone());
+        let mut mock = MockClient::new();
+        mock.expect_get_prefix().returning(move |_| {
+            Ok((
+                vec![
+                    KeyValue {
+                        key: a.clone(),
+                        value: b"a:1".to_vec(),
+                        mod_revision: 2,
+                        lease: 0,
+                    },
+                    KeyValue {
+                        key: b.clone(),
+                        value: b"a:1".to_vec(),
+                        mod_revision: 3,
+                        lease: 0,
+                    },
+                    KeyValue {
+                        key: b"/svc/bin".to_vec(),
+                        value: b"\xff\xfe".to_vec(),
+                        mod_revision: 4,
+                        lease: 0,
+                    },
+                ],
+                hdr(4),
+            ))
+        });
+        let del = k1.clone();
+        mock.expect_watch_prefix().returning(move |_, _| {
+            Ok(stream_of(vec![
+                Ok(WatchBatch {
+                    events: vec![WatchEvent::Delete {
+                        key: del.clone(),
+                        mod_revision: 5,
+                    }],
+                    header: hdr(5),
+                    ..Default::default()
+                }),
+                events(vec![put("/svc/c", "c:1", 6)], 6),
+            ]))
+        });
+        let inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
+        let mut s = inst.subscribe();
+        assert_eq!(s.next().await, Some(Event::from_instances(["a:1"])));
+        wait_for(&mut s, Event::from_instances(["a:1", "c:1"])).await;
     }
 }

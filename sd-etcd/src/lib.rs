@@ -53,12 +53,12 @@ mod registrar;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use client::{Client, KeyValue, WatchBatch, WatchEvent, WatchStream};
+pub use client::{Client, Header, KeyValue, WatchBatch, WatchEvent, WatchStream};
 pub use error::Error;
 pub use etcd::EtcdClient;
 pub use instancer::EtcdInstancer;
 pub use options::{ClientOptions, MIN_KEEP_ALIVE_INTERVAL};
-pub use registrar::EtcdRegistrar;
+pub use registrar::{EtcdRegistrar, LeasePools};
 
 #[cfg(test)]
 pub(crate) use client::MockClient;

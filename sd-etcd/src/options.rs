@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -20,6 +21,9 @@ use crate::Error;
 /// assert_eq!(opts.keep_alive_interval(), MIN_KEEP_ALIVE_INTERVAL);
 /// ```
 pub const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The default of [`ClientOptions::with_max_response_size`]: 64 MiB.
+const DEFAULT_MAX_RESPONSE_SIZE: usize = 64 << 20;
 
 /// Where a PEM comes from.
 #[derive(Clone)]
@@ -45,6 +49,14 @@ impl Pem {
         }
     }
 
+    /// How errors name it: "client certificate file /etc/x.pem", "client key (in-memory PEM)".
+    fn describe(&self, what: &str) -> String {
+        match self {
+            Pem::File(p) => format!("{what} file {}", p.display()),
+            Pem::Memory(_) => format!("{what} (in-memory PEM)"),
+        }
+    }
+
     fn read(&self, what: &'static str) -> Result<Vec<u8>, Error> {
         match self {
             Pem::Memory(s) => Ok(s.as_bytes().to_vec()),
@@ -56,41 +68,197 @@ impl Pem {
         }
     }
 
-    /// Reads and checks that it holds at least one certificate.
-    fn certificates(&self, what: &'static str) -> Result<String, Error> {
+    /// Reads and checks that it holds at least one certificate; returns the text and the
+    /// certificates, in file order.
+    fn certificates(
+        &self,
+        what: &'static str,
+    ) -> Result<(String, Vec<CertificateDer<'static>>), Error> {
         let bytes = self.read(what)?;
         let bad = |reason: String| Error::Certificate {
             what,
             path: self.path(),
             reason,
         };
-        let mut n = 0;
+        let mut certs = Vec::new();
         for cert in CertificateDer::pem_slice_iter(&bytes) {
-            cert.map_err(|e| bad(format!("not a valid PEM certificate: {e}")))?;
-            n += 1;
+            certs.push(cert.map_err(|e| bad(format!("not a valid PEM certificate: {e}")))?);
         }
-        if n == 0 {
+        if certs.is_empty() {
             return Err(bad(
                 "holds no PEM certificate (expected a -----BEGIN CERTIFICATE----- block)".into(),
             ));
         }
-        String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 text".into()))
+        let text = String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
+        Ok((text, certs))
     }
 
-    /// Reads and checks that it holds a private key.
-    fn private_key(&self, what: &'static str) -> Result<String, Error> {
+    /// Reads and checks that it holds a private key; returns the text and the key.
+    fn private_key(&self, what: &'static str) -> Result<(String, PrivateKeyDer<'static>), Error> {
         let bytes = self.read(what)?;
         let bad = |reason: String| Error::Certificate {
             what,
             path: self.path(),
             reason,
         };
-        PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
             bad(format!(
                 "holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"
             ))
         })?;
-        String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 text".into()))
+        let text = String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
+        Ok((text, key))
+    }
+}
+
+/// Checks that the client key is a key TLS can sign with, and that it is the private half of
+/// the client certificate's public key (the first certificate of the chain), so that a wrong
+/// pair is named here rather than failing the TLS handshake with a bare "transport error".
+fn check_key_pair(
+    cert: &Pem,
+    chain: Vec<CertificateDer<'static>>,
+    key: &Pem,
+    key_der: &PrivateKeyDer<'_>,
+) -> Result<(), Error> {
+    let cert_name = cert.describe("client certificate");
+    let key_name = key.describe("client key");
+    // The only failure: no RSA (2048 bits or more), ECDSA or EdDSA parser took the key.
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(key_der).map_err(|_| {
+        Error::Certificate {
+            what: "client key",
+            path: key.path(),
+            reason: format!(
+                "is not a usable RSA (2048 bits or more), ECDSA (P-256, P-384) or Ed25519 \
+                 private key: give the private key that was generated with the {cert_name}"
+            ),
+        }
+    })?;
+    match CertifiedKey::new(chain, signing_key).keys_match() {
+        Ok(()) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(Error::Certificate {
+                what: "client key",
+                path: key.path(),
+                reason: format!(
+                    "does not belong to the {cert_name}: the certificate holds another public \
+                     key. Give the key that was generated with that certificate, or the \
+                     certificate issued for this key (the client's own certificate must come \
+                     first in the certificate file, before any CA certificate)"
+                ),
+            })
+        }
+        // The key cannot give its public key: the TLS handshake will check the pair.
+        Err(rustls::Error::InconsistentKeys(_)) => Ok(()),
+        Err(e) => Err(Error::Certificate {
+            what: "client certificate",
+            path: cert.path(),
+            reason: format!(
+                "is not a valid X.509 certificate ({e}): give the PEM certificate issued for \
+                 the {key_name}"
+            ),
+        }),
+    }
+}
+
+/// The scheme of an endpoint URL that [`check_endpoint`] accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+/// What every endpoint message ends with: the forms etcd endpoints take.
+const ENDPOINT_FORMS: &str = "write http://HOST:PORT or https://HOST:PORT (e.g. \
+                              http://127.0.0.1:2379 or https://[::1]:2379)";
+
+/// Checks one endpoint URL: `http://HOST:PORT` or `https://HOST:PORT`, optionally followed by
+/// `/`, where HOST is a DNS name, an IPv4 address or a bracketed IPv6 address and PORT is 1 to
+/// 65535. etcd-client would otherwise dial `127.0.0.1:99999` on port 80 and look `unix:///x`
+/// up as the host name `unix`.
+fn check_endpoint(endpoint: &str) -> Result<Scheme, Error> {
+    let bad = |problem: String| {
+        Error::InvalidOptions(format!("endpoint {endpoint:?} {problem}; {ENDPOINT_FORMS}"))
+    };
+    let Some((scheme, rest)) = endpoint.split_once("://") else {
+        return Err(bad("has no scheme".into()));
+    };
+    let scheme = match scheme {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        s if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
+            return Err(bad(format!(
+                "has the scheme {s:?}: the scheme must be lower case"
+            )));
+        }
+        s => {
+            return Err(bad(format!(
+                "has the scheme {s:?}, which etcd's gRPC client cannot dial"
+            )));
+        }
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if !tail.is_empty() && tail != "/" {
+        return Err(bad(format!(
+            "has a path, query or fragment ({tail:?}), which etcd endpoints do not take"
+        )));
+    }
+    if authority.contains('@') {
+        // Not echoed: the part before '@' may be a password.
+        return Err(Error::InvalidOptions(format!(
+            "an endpoint has a user name or password in it (before '@'); {ENDPOINT_FORMS}, and \
+             give the credentials with ClientOptions::with_user"
+        )));
+    }
+    // (host, port, whether the host is a bracketed IPv6 address, already checked)
+    let (host, port, ipv6) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let Some((ip, after)) = bracketed.split_once(']') else {
+            return Err(bad("has an IPv6 address without its closing ']'".into()));
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad(format!("has [{ip}], which is not an IPv6 address")));
+        }
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port),
+            None if after.is_empty() => None,
+            None => return Err(bad(format!("has {after:?} after the IPv6 address"))),
+        };
+        (ip, port, true)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return Err(bad("has an IPv6 address without brackets".into()));
+            }
+            Some((host, port)) => (host, Some(port), false),
+            None => (authority, None, false),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("has no host".into()));
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|c| !(ipv6 || c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+    {
+        return Err(bad(format!(
+            "has the character {c:?} in its host {host:?} (a host is a DNS name or an IP address)"
+        )));
+    }
+    match port {
+        None | Some("") => Err(bad(
+            "has no port (etcd serves clients on port 2379 by default)".into(),
+        )),
+        Some(p) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(bad(format!("has the port {p:?}, which is not a number")))
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(scheme),
+            _ => Err(bad(format!(
+                "has the port {p}, which is out of range: a port is 1 to 65535"
+            ))),
+        },
     }
 }
 
@@ -99,7 +267,9 @@ impl Pem {
 /// A builder, like etcd-client's `ConnectOptions`. Certificates and keys are given as file paths
 /// (as in go-kit) or as PEM text; every one is read and parsed by [`validate`](Self::validate),
 /// which [`EtcdClient::connect`](crate::EtcdClient::connect) calls before dialing, so a missing
-/// or malformed file is reported by name, before any network traffic.
+/// or malformed file, or a client key that does not belong to the client certificate, is
+/// reported by name before any network traffic. `connect` also refuses endpoints that are not
+/// `http://HOST:PORT` or `https://HOST:PORT` (port 1 to 65535, IPv6 addresses in brackets).
 ///
 /// Defaults: dial timeout 3 s, HTTP/2 keep-alive ping timeout 3 s (pings every 10 s, never more
 /// often than every 5 s), per-request timeout 5 s, no TLS, no credentials.
@@ -128,6 +298,7 @@ pub struct ClientOptions {
     keep_alive_timeout: Duration,
     keep_alive_interval: Duration,
     request_timeout: Duration,
+    max_response_size: usize,
 }
 
 impl fmt::Debug for ClientOptions {
@@ -141,6 +312,7 @@ impl fmt::Debug for ClientOptions {
             .field("keep_alive_timeout", &self.keep_alive_timeout)
             .field("keep_alive_interval", &self.keep_alive_interval)
             .field("request_timeout", &self.request_timeout)
+            .field("max_response_size", &self.max_response_size)
             .finish()
     }
 }
@@ -175,6 +347,7 @@ impl ClientOptions {
             keep_alive_timeout: Duration::from_secs(3),
             keep_alive_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
+            max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
         }
     }
 
@@ -290,6 +463,29 @@ impl ClientOptions {
         self
     }
 
+    /// The largest etcd response the client decodes, in bytes (default 64 MiB; gRPC's usual
+    /// limit is 4 MiB). Prefix reads come in pages of about 2 MiB and watches ask etcd to split
+    /// large responses, so this only bounds a single key's value, or a single revision's
+    /// changes on etcd older than 3.4. Values under 4 MiB are raised to 4 MiB.
+    ///
+    /// ```
+    /// let opts = sd_etcd::ClientOptions::new().with_max_response_size(16 << 20);
+    /// assert_eq!(opts.max_response_size(), 16 << 20);
+    /// ```
+    pub fn with_max_response_size(mut self, bytes: usize) -> Self {
+        self.max_response_size = bytes.max(4 << 20);
+        self
+    }
+
+    /// The largest etcd response the client decodes.
+    ///
+    /// ```
+    /// assert_eq!(sd_etcd::ClientOptions::new().max_response_size(), 64 << 20);
+    /// ```
+    pub fn max_response_size(&self) -> usize {
+        self.max_response_size
+    }
+
     /// The dial timeout.
     ///
     /// ```
@@ -344,31 +540,51 @@ impl ClientOptions {
         self.ca.is_some() || self.cert.is_some()
     }
 
-    /// Reads and parses every certificate and key, and checks the timeouts. Errors name the
-    /// offending file.
+    /// Reads and parses every certificate and key, checks that the client key belongs to the
+    /// client certificate, and checks the timeouts. Errors name the offending file (both files
+    /// when the key and the certificate do not match) and say what to do.
+    ///
+    /// Endpoints are checked by [`EtcdClient::connect`](crate::EtcdClient::connect), which takes
+    /// them: `http://HOST:PORT` or `https://HOST:PORT`.
     ///
     /// ```
     /// assert!(sd_etcd::ClientOptions::new().validate().is_ok());
+    ///
+    /// // A key inside PEM framing that is not a key: refused, naming the certificate it goes with.
+    /// let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+    /// let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    /// let err = sd_etcd::ClientOptions::new()
+    ///     .with_client_cert_pem(cert, key)
+    ///     .validate()
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("client key"), "{err}");
+    /// assert!(err.to_string().contains("client certificate"), "{err}");
     /// ```
     pub fn validate(&self) -> Result<(), Error> {
         self.tls().map(|_| ())
     }
 
-    /// Checks the options against the endpoints they will be used with.
+    /// Checks the options against the endpoints they will be used with: every endpoint must be
+    /// `http://HOST:PORT` or `https://HOST:PORT` (see [`check_endpoint`]), and TLS options
+    /// need `https://` endpoints.
     pub(crate) fn validate_for(&self, endpoints: &[String]) -> Result<Option<Tls>, Error> {
         if endpoints.is_empty() {
             return Err(Error::InvalidOptions(
                 "no etcd endpoint given: pass at least one, e.g. http://127.0.0.1:2379".into(),
             ));
         }
-        let tls = self.tls()?;
-        if tls.is_some() {
-            if let Some(plain) = endpoints.iter().find(|e| e.starts_with("http://")) {
-                return Err(Error::InvalidOptions(format!(
-                    "TLS options were given but endpoint {plain} is http://: use https:// endpoints \
-                     with TLS, or drop the certificates"
-                )));
+        let mut plain = None;
+        for endpoint in endpoints {
+            if check_endpoint(endpoint)? == Scheme::Http && plain.is_none() {
+                plain = Some(endpoint);
             }
+        }
+        let tls = self.tls()?;
+        if let (Some(_), Some(plain)) = (&tls, plain) {
+            return Err(Error::InvalidOptions(format!(
+                "TLS options were given but endpoint {plain} is http://: use https:// endpoints \
+                 with TLS, or drop the certificates"
+            )));
         }
         Ok(tls)
     }
@@ -386,14 +602,16 @@ impl ClientOptions {
             }
         }
         let ca = match &self.ca {
-            Some(p) => Some(p.certificates("CA certificate")?),
+            Some(p) => Some(p.certificates("CA certificate")?.0),
             None => None,
         };
         let identity = match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => Some((
-                c.certificates("client certificate")?,
-                k.private_key("client key")?,
-            )),
+            (Some(c), Some(k)) => {
+                let (cert_pem, chain) = c.certificates("client certificate")?;
+                let (key_pem, key_der) = k.private_key("client key")?;
+                check_key_pair(c, chain, k, &key_der)?;
+                Some((cert_pem, key_pem))
+            }
             _ => None,
         };
         if ca.is_none() && identity.is_none() {
@@ -449,6 +667,226 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("http://127.0.0.1:2379"), "{err}");
         assert!(opts.validate_for(&[]).is_err());
+    }
+
+    /// The message of the error `validate_for` gives for these endpoints.
+    fn refusal(endpoints: &[&str]) -> String {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+        match ClientOptions::new().validate_for(&endpoints) {
+            Ok(_) => panic!("{endpoints:?} accepted"),
+            Err(e @ Error::InvalidOptions(_)) => e.to_string(),
+            Err(e) => panic!("{endpoints:?}: not an InvalidOptions error: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_endpoints_are_refused_naming_them_and_the_right_form() {
+        for (endpoint, problem) in [
+            ("127.0.0.1:99999", "has no scheme"),
+            ("127.0.0.1:2379", "has no scheme"),
+            ("unix:///x", "scheme \"unix\""),
+            ("ftp://127.0.0.1:2379", "scheme \"ftp\""),
+            ("HTTP://127.0.0.1:2379", "must be lower case"),
+            (
+                "http://127.0.0.1:99999",
+                "port 99999, which is out of range",
+            ),
+            (
+                "http://127.0.0.1:65536",
+                "port 65536, which is out of range",
+            ),
+            ("http://127.0.0.1:0", "port 0, which is out of range"),
+            ("http://127.0.0.1:123456789012345678901", "out of range"),
+            ("http://127.0.0.1", "has no port"),
+            ("http://127.0.0.1:", "has no port"),
+            ("https://etcd.example.com", "has no port"),
+            ("http://127.0.0.1:23a9", "\"23a9\", which is not a number"),
+            ("http://127.0.0.1:-1", "not a number"),
+            ("http://:2379", "has no host"),
+            ("http://", "has no host"),
+            (
+                "http://127.0.0.1:2379/v3/kv",
+                "path, query or fragment (\"/v3/kv\")",
+            ),
+            ("http://127.0.0.1:2379//", "path, query or fragment"),
+            ("http://127.0.0.1:2379?x=1", "path, query or fragment"),
+            ("http://127.0.0.1:2379/#top", "path, query or fragment"),
+            ("http://::1:2379", "IPv6 address without brackets"),
+            ("http://[::1:2379", "without its closing ']'"),
+            ("http://[zz::1]:2379", "not an IPv6 address"),
+            ("http://[127.0.0.1]:2379", "not an IPv6 address"),
+            ("http://[::1]", "has no port"),
+            ("http://[::1]2379", "after the IPv6 address"),
+            ("http://exa mple:2379", "character ' '"),
+        ] {
+            let msg = refusal(&[endpoint]);
+            assert!(
+                msg.contains(&format!("{endpoint:?}")),
+                "names {endpoint}: {msg}"
+            );
+            assert!(msg.contains(problem), "{endpoint}: says {problem:?}: {msg}");
+            assert!(
+                msg.contains("write http://HOST:PORT or https://HOST:PORT"),
+                "{endpoint}: says what to write: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_in_an_endpoint_are_refused_without_echoing_them() {
+        let msg = refusal(&["http://root:hunter2@127.0.0.1:2379"]);
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(msg.contains("ClientOptions::with_user"), "{msg}");
+        assert!(msg.contains("http://HOST:PORT"), "{msg}");
+    }
+
+    #[test]
+    fn the_bad_endpoint_among_good_ones_is_named() {
+        let msg = refusal(&["http://127.0.0.1:2379", "http://127.0.0.1:99999"]);
+        assert!(msg.contains("\"http://127.0.0.1:99999\""), "{msg}");
+        assert!(msg.contains("port 99999"), "{msg}");
+    }
+
+    #[test]
+    fn well_formed_endpoints_are_accepted() {
+        for endpoint in [
+            "http://127.0.0.1:2379",
+            "http://127.0.0.1:2379/",
+            "https://127.0.0.1:2379",
+            "http://localhost:1",
+            "http://127.0.0.1:65535",
+            "https://etcd-0.etcd_headless.example.com:2379",
+            "http://[::1]:2379",
+            "https://[::1]:2379/",
+            "http://[fe80::1:2]:2379",
+            "http://[::ffff:127.0.0.1]:2379",
+        ] {
+            let scheme =
+                check_endpoint(endpoint).unwrap_or_else(|e| panic!("{endpoint} refused: {e}"));
+            assert_eq!(
+                scheme == Scheme::Https,
+                endpoint.starts_with("https://"),
+                "{endpoint}"
+            );
+        }
+        let all = [
+            "http://127.0.0.1:2379".to_string(),
+            "http://[::1]:2380/".to_string(),
+        ];
+        assert!(matches!(ClientOptions::new().validate_for(&all), Ok(None)));
+    }
+
+    /// A self-signed certificate and its key, as PEM, with a key of this algorithm.
+    fn self_signed(alg: &'static rcgen::SignatureAlgorithm) -> (String, String) {
+        let key = rcgen::KeyPair::generate_for(alg).expect("generate a key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("certificate params")
+            .self_signed(&key)
+            .expect("self-sign");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_client_key_that_belongs_to_the_certificate_is_accepted() {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let (cert, key) = self_signed(alg);
+            let opts = ClientOptions::new().with_client_cert_pem(&cert, &key);
+            opts.validate()
+                .unwrap_or_else(|e| panic!("{alg:?}: matching pair refused: {e}"));
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (cert_file, key_file) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+            std::fs::write(&cert_file, &cert).unwrap();
+            std::fs::write(&key_file, &key).unwrap();
+            let opts = ClientOptions::new().with_client_cert_files(&cert_file, &key_file);
+            let tls = opts
+                .validate_for(&["https://127.0.0.1:2379".to_string()])
+                .unwrap_or_else(|e| panic!("{alg:?}: matching files refused: {e}"))
+                .expect("TLS material");
+            assert_eq!(tls.identity, Some((cert, key)), "the PEM text is passed on");
+        }
+    }
+
+    #[test]
+    fn a_client_key_of_another_certificate_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert_a, _) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let (_, key_b) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let (_, key_ed) = self_signed(&rcgen::PKCS_ED25519);
+        let cert_file = dir.path().join("client.pem");
+        std::fs::write(&cert_file, &cert_a).unwrap();
+        for (name, key) in [("other-key.pem", key_b), ("ed25519-key.pem", key_ed)] {
+            let key_file = dir.path().join(name);
+            std::fs::write(&key_file, key).unwrap();
+            let err = ClientOptions::new()
+                .with_client_cert_files(&cert_file, &key_file)
+                .validate()
+                .unwrap_err();
+            match &err {
+                Error::Certificate { what, path, .. } => {
+                    assert_eq!(*what, "client key");
+                    assert_eq!(path.as_deref(), Some(key_file.as_path()));
+                }
+                other => panic!("not a certificate error: {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(msg.contains(&key_file.display().to_string()), "{msg}");
+            assert!(msg.contains(&cert_file.display().to_string()), "{msg}");
+            assert!(
+                msg.contains("does not belong to the client certificate"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("Give the key that was generated with that certificate"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_garbage_key_in_pem_framing_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, _) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let cert_file = dir.path().join("client.pem");
+        let key_file = dir.path().join("client-key.pem");
+        std::fs::write(&cert_file, &cert).unwrap();
+        std::fs::write(
+            &key_file,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let msg = ClientOptions::new()
+            .with_client_cert_files(&cert_file, &key_file)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(&format!("client key file {}", key_file.display())),
+            "{msg}"
+        );
+        assert!(msg.contains(&cert_file.display().to_string()), "{msg}");
+        assert!(msg.contains("is not a usable RSA"), "{msg}");
+        assert!(msg.contains("give the private key"), "{msg}");
+    }
+
+    #[test]
+    fn a_garbage_client_certificate_in_pem_framing_is_refused() {
+        let (_, key) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+        let msg = ClientOptions::new()
+            .with_client_cert_pem(cert, key)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("client certificate (in-memory PEM)"),
+            "{msg}"
+        );
+        assert!(msg.contains("not a valid X.509 certificate"), "{msg}");
+        assert!(msg.contains("client key (in-memory PEM)"), "{msg}");
     }
 
     #[test]

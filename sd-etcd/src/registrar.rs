@@ -1,33 +1,108 @@
-//! [`EtcdRegistrar`]: one service's key in etcd, kept alive by a lease of its own.
+//! [`EtcdRegistrar`]: one service's key in etcd, kept alive on a lease shared with the other
+//! registrations of the same client.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sd_core::{RegistrationState, Service};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::{Client, Error, EtcdClient};
 
+/// The lease pools of one client, found by the registrars made with that client: one pool, and
+/// one lease, per (TTL, heartbeat).
+///
+/// A [`Client`] hands it out through [`Client::lease_pools`]; [`EtcdClient`] has one, shared
+/// by its clones. A client that has none gives each registrar a lease of its own.
+///
+/// ```
+/// let pools = sd_etcd::LeasePools::new();
+/// let same = pools.clone();
+/// # let _ = same;
+/// ```
+#[derive(Clone, Default)]
+pub struct LeasePools(Arc<Mutex<HashMap<PoolKey, Weak<dyn Any + Send + Sync>>>>);
+
+/// A pool's TTL (whole seconds) and heartbeat.
+type PoolKey = (i64, Duration);
+
+/// A key waiting to be put, with whoever waits for the answer.
+type Waiter = (Arc<Entry>, oneshot::Sender<Result<(), Error>>);
+
+impl LeasePools {
+    /// An empty set of pools.
+    ///
+    /// ```
+    /// let pools = sd_etcd::LeasePools::new();
+    /// # let _ = pools;
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn pool<C: Client + Clone>(
+        &self,
+        client: &C,
+        ttl_secs: i64,
+        heartbeat: Duration,
+    ) -> Arc<Pool<C>> {
+        let mut map = lock(&self.0);
+        map.retain(|_, w| w.strong_count() > 0);
+        if let Some(any) = map.get(&(ttl_secs, heartbeat)).and_then(Weak::upgrade) {
+            if let Ok(pool) = any.downcast::<Pool<C>>() {
+                return pool;
+            }
+        }
+        let pool = Pool::new(client.clone(), ttl_secs, heartbeat);
+        let any: Arc<dyn Any + Send + Sync> = pool.clone();
+        map.insert((ttl_secs, heartbeat), Arc::downgrade(&any));
+        pool
+    }
+}
+
+impl fmt::Debug for LeasePools {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeasePools")
+            .field("pools", &lock(&self.0).len())
+            .finish()
+    }
+}
+
 /// Registers a [`Service`] in etcd (go-kit's `etcdv3.Registrar`).
 ///
-/// Without a TTL it is a plain put (and delete on deregister). With a TTL it grants a lease of
-/// its own (TTL rounded *up* to whole seconds, as etcd counts them), puts the key on it, and
-/// refreshes the lease every heartbeat in a background task, each round bounded by the
-/// heartbeat. When etcd says the lease is gone (expired while the registrar was cut off, or
-/// revoked), it grants a new one and puts the key again, retrying with a backoff capped at the
-/// heartbeat; [`state`](sd_core::Registrar::state) reports `Retrying(error)` meanwhile.
+/// Without a TTL it is a plain put (and delete on deregister). With a TTL the key is put on a
+/// lease that every registrar of the same client with the same TTL and heartbeat shares (TTL
+/// rounded *up* to whole seconds, as etcd counts them), kept alive every heartbeat on one
+/// long-lived keep-alive stream, so keeping 10 000 registrations alive costs what keeping one
+/// does. Registrations that arrive together are put together (transactions of up to 128 keys),
+/// and etcd's back-pressure (`too many requests`) is ridden out with a backoff.
+///
+/// It recovers from what etcd can do to a registration, and reports it through
+/// [`state`](sd_core::Registrar::state) (`Retrying(error)` until it is back):
+/// - **lease lost** (expired while cut off, revoked, or a store wiped or restored from a
+///   backup): a new lease is granted and every key of the pool is put again, retrying with a
+///   backoff capped at the heartbeat;
+/// - **key deleted or overwritten behind its back** while the lease lives: every heartbeat
+///   checks which keys the lease still holds and puts a missing one back. The rule: a key that
+///   is gone, or that someone overwrote without a lease (`etcdctl put`), is put back; a key now
+///   held by *another* lease belongs to another registrar, which registered it on purpose, and
+///   is left alone (`Retrying`, naming that lease) until it goes away.
 ///
 /// `register()` returns the error of its first attempt (an empty key or value, etcd
 /// unreachable, ...) and then leaves nothing running: call it again. Once registered, failures
-/// are retried in the background and reported through `state()`.
+/// are retried in the background. `register()` and `deregister()` are idempotent.
 ///
-/// [`deregister`](sd_core::Registrar::deregister) deletes the key only if it still carries this
-/// registrar's lease (another process may have taken it over), then revokes the lease. Dropping
-/// the registrar stops the heartbeat and revokes the lease in the background (best effort,
+/// [`deregister`](sd_core::Registrar::deregister) deletes the key only if it still carries
+/// this registrar's lease (another process may have taken it over); the lease is revoked when
+/// its last key is gone. Dropping the registrar deregisters in the background (best effort,
 /// unless [`with_revoke_on_drop(false)`](Self::with_revoke_on_drop)); [`abandon`](Self::abandon)
-/// stops heart-beating without revoking, as a crashed process would.
+/// leaves the key to expire at its TTL, as a crashed process's would.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -44,44 +119,43 @@ use crate::{Client, Error, EtcdClient};
 /// registrar.deregister().await?;
 /// # Ok(()) }
 /// ```
-pub struct EtcdRegistrar<C: Client = EtcdClient> {
-    shared: Arc<Shared<C>>,
+pub struct EtcdRegistrar<C: Client + Clone = EtcdClient> {
+    client: C,
+    entry: Arc<Entry>,
+    /// With a TTL: the pool whose lease carries the key.
+    pool: Option<Arc<Pool<C>>>,
     /// Serialises `register` and `deregister`.
     op: tokio::sync::Mutex<()>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Without a TTL: whether the key was put and not yet deleted.
+    plain_registered: Mutex<bool>,
     revoke_on_drop: bool,
 }
 
-struct Shared<C> {
-    client: C,
-    service: Service,
+/// One registration: the key, its value and what is known of it.
+struct Entry {
+    key: String,
+    value: String,
     state: Mutex<RegistrationState>,
-    /// Whether the key was put (and not yet deleted) by this registrar.
-    registered: Mutex<bool>,
-    /// The lease the key is on, with a TTL.
-    lease: Mutex<Option<i64>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+impl Entry {
+    fn set_state(&self, s: RegistrationState) {
+        *lock(&self.state) = s;
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Values behind these locks are replaced whole, so a poisoned lock still holds valid data.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<C: Client> Shared<C> {
-    fn set_state(&self, s: RegistrationState) {
-        *lock(&self.state) = s;
-    }
-    fn lease(&self) -> Option<i64> {
-        *lock(&self.lease)
-    }
-}
-
-impl<C: Client> fmt::Debug for EtcdRegistrar<C> {
+impl<C: Client + Clone> fmt::Debug for EtcdRegistrar<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdRegistrar")
-            .field("service", &self.shared.service)
-            .field("state", &*lock(&self.shared.state))
-            .field("lease", &self.shared.lease())
+            .field("key", &self.entry.key)
+            .field("value", &self.entry.value)
+            .field("state", &*lock(&self.entry.state))
+            .field("lease", &self.lease())
             .finish()
     }
 }
@@ -92,7 +166,7 @@ fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
-impl<C: Client> EtcdRegistrar<C> {
+impl<C: Client + Clone> EtcdRegistrar<C> {
     /// A registrar for `service` (not yet registered: call `register()`).
     ///
     /// ```no_run
@@ -102,22 +176,29 @@ impl<C: Client> EtcdRegistrar<C> {
     /// # let _ = registrar; Ok(()) }
     /// ```
     pub fn new(client: C, service: Service) -> Self {
+        let pool = service.ttl.map(|ttl| {
+            let secs = ttl_secs(ttl.ttl());
+            match client.lease_pools() {
+                Some(pools) => pools.pool(&client, secs, ttl.heartbeat()),
+                None => Pool::new(client.clone(), secs, ttl.heartbeat()),
+            }
+        });
         EtcdRegistrar {
-            shared: Arc::new(Shared {
-                client,
-                service,
+            client,
+            entry: Arc::new(Entry {
+                key: service.key,
+                value: service.value,
                 state: Mutex::new(RegistrationState::Unregistered),
-                registered: Mutex::new(false),
-                lease: Mutex::new(None),
             }),
+            pool,
             op: tokio::sync::Mutex::new(()),
-            task: Mutex::new(None),
+            plain_registered: Mutex::new(false),
             revoke_on_drop: true,
         }
     }
 
-    /// Whether dropping the registrar revokes its lease (default `true`). With `false`, a
-    /// dropped registrar's key lives until its TTL runs out, like a crashed process's.
+    /// Whether dropping the registrar deregisters it (default `true`). With `false`, a dropped
+    /// registrar's key lives until its TTL runs out, like a crashed process's.
     ///
     /// ```no_run
     /// # async fn run(client: sd_etcd::EtcdClient, svc: sd_core::Service) {
@@ -129,18 +210,19 @@ impl<C: Client> EtcdRegistrar<C> {
         self
     }
 
-    /// The service this registrar publishes.
+    /// The key this registrar publishes.
     ///
     /// ```no_run
     /// # fn f(r: &sd_etcd::EtcdRegistrar) {
-    /// println!("{}", r.service().key);
+    /// println!("{}", r.key());
     /// # }
     /// ```
-    pub fn service(&self) -> &Service {
-        &self.shared.service
+    pub fn key(&self) -> &str {
+        &self.entry.key
     }
 
-    /// The lease the key is on (with a TTL, once registered).
+    /// The lease the key is on (with a TTL, once registered). Registrars of one client with the
+    /// same TTL and heartbeat share it.
     ///
     /// ```no_run
     /// # fn f(r: &sd_etcd::EtcdRegistrar) {
@@ -148,11 +230,22 @@ impl<C: Client> EtcdRegistrar<C> {
     /// # }
     /// ```
     pub fn lease(&self) -> Option<i64> {
-        self.shared.lease()
+        let pool = self.pool.as_ref()?;
+        let st = lock(&pool.state);
+        if st
+            .entries
+            .get(&self.entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
+        {
+            st.lease
+        } else {
+            None
+        }
     }
 
-    /// Stops heart-beating without deleting the key or revoking the lease, as a crashed process
-    /// would: the key expires at its TTL.
+    /// Stops keeping the key alive without deleting it, as a crashed process would: the key
+    /// expires at its TTL. (It is moved to a lease of its own that nobody refreshes, so the
+    /// other registrations of the shared lease live on.)
     ///
     /// ```no_run
     /// # fn f(r: sd_etcd::EtcdRegistrar) {
@@ -161,23 +254,13 @@ impl<C: Client> EtcdRegistrar<C> {
     /// ```
     pub fn abandon(mut self) {
         self.revoke_on_drop = false;
-        self.stop_task();
-    }
-
-    fn stop_task(&self) -> Option<JoinHandle<()>> {
-        let task = lock(&self.task).take();
-        if let Some(t) = &task {
-            t.abort();
-        }
-        task
     }
 
     fn check(&self) -> Result<(), Error> {
-        let svc = &self.shared.service;
-        if svc.key.is_empty() {
+        if self.entry.key.is_empty() {
             return Err(Error::NoKey);
         }
-        if svc.value.is_empty() {
+        if self.entry.value.is_empty() {
             return Err(Error::NoValue);
         }
         Ok(())
@@ -186,121 +269,72 @@ impl<C: Client> EtcdRegistrar<C> {
     async fn do_register(&self) -> Result<(), Error> {
         self.check()?;
         let _op = self.op.lock().await;
-        let shared = &self.shared;
-        let svc = &shared.service;
-        if *lock(&shared.registered) {
-            // Already registered; make sure the key is kept alive.
-            self.ensure_heartbeat();
-            return Ok(());
-        }
-        match svc.ttl {
+        let entry = &self.entry;
+        match &self.pool {
             None => {
-                shared.client.put(&svc.key, &svc.value, None).await?;
-            }
-            Some(ttl) => {
-                let secs = ttl_secs(ttl.ttl());
-                let lease = grant_and_put(shared, secs, ttl.heartbeat()).await?;
-                *lock(&shared.lease) = Some(lease);
-                let task = tokio::spawn(heartbeat(shared.clone(), ttl.heartbeat(), secs));
-                if let Some(old) = lock(&self.task).replace(task) {
-                    old.abort();
+                if !*lock(&self.plain_registered) {
+                    self.client.put(&entry.key, &entry.value, None).await?;
+                    *lock(&self.plain_registered) = true;
                 }
             }
+            Some(pool) => {
+                if pool.holds(entry) {
+                    return Ok(());
+                }
+                pool.add(entry.clone()).await?;
+            }
         }
-        *lock(&shared.registered) = true;
-        shared.set_state(RegistrationState::Registered);
-        tracing::debug!(key = %svc.key, lease = ?shared.lease(), "registered");
+        entry.set_state(RegistrationState::Registered);
+        tracing::debug!(key = %entry.key, lease = ?self.lease(), "registered");
         Ok(())
-    }
-
-    /// Starts the heartbeat of a registered, leased service if it is not running.
-    fn ensure_heartbeat(&self) {
-        let Some(ttl) = self.shared.service.ttl else {
-            return;
-        };
-        let mut task = lock(&self.task);
-        if task.as_ref().is_none_or(JoinHandle::is_finished) {
-            *task = Some(tokio::spawn(heartbeat(
-                self.shared.clone(),
-                ttl.heartbeat(),
-                ttl_secs(ttl.ttl()),
-            )));
-        }
     }
 
     async fn do_deregister(&self) -> Result<(), Error> {
         let _op = self.op.lock().await;
-        if let Some(task) = self.stop_task() {
-            // Wait until it is gone, so it cannot put the key back after our delete.
-            let _ = task.await;
-        }
-        let shared = &self.shared;
-        if !*lock(&shared.registered) {
-            shared.set_state(RegistrationState::Unregistered);
-            return Ok(());
-        }
-        let key = &shared.service.key;
-        let lease = shared.lease();
-        let deleted = match lease {
-            Some(lease) => shared
-                .client
-                .delete_if_lease(key, lease)
-                .await
-                .map(|deleted| {
-                    if !deleted {
-                        tracing::debug!(%key, "key no longer on our lease: left alone");
-                    }
-                }),
-            None => shared.client.delete(key).await,
-        };
-        if let Err(e) = deleted {
-            // Nothing changed in etcd: the registration stays, kept alive, and the caller may
-            // try again.
-            self.ensure_heartbeat();
-            return Err(e);
-        }
-        if let Some(lease) = lease {
-            // The key is gone; a lease that outlives it holds nothing and expires at its TTL.
-            if let Err(e) = shared.client.revoke(lease).await {
-                tracing::warn!(%key, lease, error = %e, "revoking the lease failed; it expires at its TTL");
+        let entry = &self.entry;
+        match &self.pool {
+            None => {
+                if *lock(&self.plain_registered) {
+                    self.client.delete(&entry.key).await?;
+                    *lock(&self.plain_registered) = false;
+                }
             }
+            Some(pool) => pool.remove(entry).await?,
         }
-        *lock(&shared.lease) = None;
-        *lock(&shared.registered) = false;
-        shared.set_state(RegistrationState::Unregistered);
-        tracing::debug!(%key, "deregistered");
+        entry.set_state(RegistrationState::Unregistered);
+        tracing::debug!(key = %entry.key, "deregistered");
         Ok(())
     }
 }
 
-/// Grants a lease and puts the key on it; revokes the lease if the put fails.
-async fn grant_and_put<C: Client>(
-    shared: &Shared<C>,
-    secs: i64,
+/// One shared lease and the keys on it, kept alive by one background task.
+struct Pool<C> {
+    client: C,
+    ttl_secs: i64,
     heartbeat: Duration,
-) -> Result<i64, Error> {
-    let (lease, granted) = shared.client.grant(secs).await?;
-    // Recorded at once: a registrar stopped between the grant and the put (deregister() aborts
-    // a heartbeat re-granting a lost lease; drop does too) must still delete its key from, and
-    // revoke, this lease, not the one it replaces.
-    let previous = lock(&shared.lease).replace(lease);
-    let failed = |e: Error| async move {
-        let _ = shared.client.revoke(lease).await;
-        *lock(&shared.lease) = previous;
-        Err(e)
-    };
-    if granted > 0 && Duration::from_secs(granted.unsigned_abs()) <= heartbeat {
-        return failed(Error::InvalidTtl(format!(
-            "etcd granted a TTL of {granted}s, not above the heartbeat {heartbeat:?}: \
-             use a longer TTL"
-        )))
-        .await;
+    state: Mutex<PoolState>,
+    /// Wakes the task: new keys to put.
+    wake: Notify,
+    /// Serialises lease grants and revokes.
+    lease_op: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    lease: Option<i64>,
+    /// Registered keys.
+    entries: HashMap<String, Arc<Entry>>,
+    /// Keys waiting to be put, with whoever waits for the answer.
+    pending: Vec<Waiter>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl<C> Drop for Pool<C> {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.state).task.take() {
+            task.abort();
+        }
     }
-    let svc = &shared.service;
-    if let Err(e) = shared.client.put(&svc.key, &svc.value, Some(lease)).await {
-        return failed(e).await;
-    }
-    Ok(lease)
 }
 
 /// Exponential backoff from 100 ms, capped, with jitter.
@@ -310,80 +344,336 @@ fn backoff(failures: u32, cap: Duration) -> Duration {
     d.mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
-/// Keeps the lease alive; re-grants and re-puts when etcd says it is gone.
-async fn heartbeat<C: Client>(shared: Arc<Shared<C>>, every: Duration, secs: i64) {
-    let key = shared.service.key.clone();
-    let mut delay = every;
+impl<C: Client + Clone> Pool<C> {
+    fn new(client: C, ttl_secs: i64, heartbeat: Duration) -> Arc<Self> {
+        Arc::new(Pool {
+            client,
+            ttl_secs,
+            heartbeat,
+            state: Mutex::new(PoolState::default()),
+            wake: Notify::new(),
+            lease_op: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn holds(&self, entry: &Arc<Entry>) -> bool {
+        lock(&self.state)
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+    }
+
+    /// The pool's lease, granted if it has none.
+    async fn ensure_lease(&self) -> Result<i64, Error> {
+        if let Some(lease) = lock(&self.state).lease {
+            return Ok(lease);
+        }
+        let _op = self.lease_op.lock().await;
+        if let Some(lease) = lock(&self.state).lease {
+            return Ok(lease);
+        }
+        let (lease, granted) = self.client.grant(self.ttl_secs).await?;
+        if granted > 0 && Duration::from_secs(granted.unsigned_abs()) <= self.heartbeat {
+            let _ = self.client.revoke(lease).await;
+            return Err(Error::InvalidTtl(format!(
+                "etcd granted a TTL of {granted}s, not above the heartbeat {:?}: use a longer TTL",
+                self.heartbeat
+            )));
+        }
+        lock(&self.state).lease = Some(lease);
+        Ok(lease)
+    }
+
+    /// Puts `entry` on the lease (together with whatever else is waiting) and adds it.
+    async fn add(self: &Arc<Self>, entry: Arc<Entry>) -> Result<(), Error> {
+        self.ensure_lease().await?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&self.state);
+            st.pending.push((entry, tx));
+            self.ensure_task(&mut st);
+        }
+        self.wake.notify_one();
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    fn ensure_task(self: &Arc<Self>, st: &mut PoolState) {
+        if st.task.as_ref().is_none_or(JoinHandle::is_finished) {
+            st.task = Some(tokio::spawn(keep(Arc::downgrade(self))));
+        }
+    }
+
+    /// Deletes `entry`'s key (if it still carries our lease) and forgets it; revokes the lease
+    /// once no key is left on it.
+    async fn remove(&self, entry: &Arc<Entry>) -> Result<(), Error> {
+        let lease = {
+            let mut st = lock(&self.state);
+            st.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
+            if !st
+                .entries
+                .get(&entry.key)
+                .is_some_and(|e| Arc::ptr_eq(e, entry))
+            {
+                return Ok(());
+            }
+            st.entries.remove(&entry.key);
+            st.lease
+        };
+        if let Some(lease) = lease {
+            match self.client.delete_if_lease(&entry.key, lease).await {
+                Ok(false) => {
+                    tracing::debug!(key = %entry.key, "key no longer on our lease: left alone");
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    // Nothing changed in etcd: the registration stays, kept alive, and the
+                    // caller may try again.
+                    lock(&self.state)
+                        .entries
+                        .insert(entry.key.clone(), entry.clone());
+                    return Err(e);
+                }
+            }
+        }
+        self.release_if_idle().await;
+        Ok(())
+    }
+
+    /// Revokes the lease and stops the task when no key is left on it.
+    async fn release_if_idle(&self) {
+        let _op = self.lease_op.lock().await;
+        let lease = {
+            let mut st = lock(&self.state);
+            if !st.entries.is_empty() || !st.pending.is_empty() {
+                return;
+            }
+            if let Some(task) = st.task.take() {
+                task.abort();
+            }
+            st.lease.take()
+        };
+        if let Some(lease) = lease {
+            // The keys are gone; a lease that outlives them holds nothing and expires at its TTL.
+            if let Err(e) = self.client.revoke(lease).await {
+                tracing::warn!(lease, error = %e, "revoking the lease failed; it expires at its TTL");
+            }
+        }
+    }
+
+    /// Forgets `entry` without deleting its key, and moves the key to a lease nobody refreshes,
+    /// so it expires at its TTL.
+    async fn orphan(&self, entry: &Arc<Entry>) {
+        let held = {
+            let mut st = lock(&self.state);
+            st.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
+            if st
+                .entries
+                .get(&entry.key)
+                .is_some_and(|e| Arc::ptr_eq(e, entry))
+            {
+                st.entries.remove(&entry.key);
+                st.lease
+            } else {
+                None
+            }
+        };
+        let Some(_lease) = held else { return };
+        let moved = async {
+            let (lease, _) = self.client.grant(self.ttl_secs).await?;
+            self.client.put(&entry.key, &entry.value, Some(lease)).await
+        };
+        if let Err(e) = moved.await {
+            tracing::warn!(key = %entry.key, error = %e, "could not leave the key to expire");
+        }
+        let _op = self.lease_op.lock().await;
+        let mut st = lock(&self.state);
+        if st.entries.is_empty() && st.pending.is_empty() {
+            // Nothing else on the lease: stop refreshing it, and let it expire.
+            if let Some(task) = st.task.take() {
+                task.abort();
+            }
+            st.lease = None;
+        }
+    }
+
+    fn set_all(&self, state: &RegistrationState) {
+        for e in lock(&self.state).entries.values() {
+            e.set_state(state.clone());
+        }
+    }
+
+    /// Puts every waiting key; answers each waiter.
+    async fn flush(&self) {
+        let (batch, lease) = {
+            let mut st = lock(&self.state);
+            (std::mem::take(&mut st.pending), st.lease)
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let result = match lease {
+            Some(lease) => {
+                let entries: Vec<(String, String)> = batch
+                    .iter()
+                    .map(|(e, _)| (e.key.clone(), e.value.clone()))
+                    .collect();
+                self.client.put_many(&entries, Some(lease)).await
+            }
+            None => Err(Error::LeaseNotFound(0)),
+        };
+        let mut st = lock(&self.state);
+        for (entry, tx) in batch {
+            if result.is_ok() {
+                st.entries.insert(entry.key.clone(), entry);
+            }
+            let _ = tx.send(result.clone());
+        }
+        if result.is_err() && st.entries.is_empty() && st.pending.is_empty() {
+            // Nobody holds anything on this lease: start afresh next time.
+            if let Some(lease) = st.lease.take() {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.revoke(lease).await;
+                });
+            }
+        }
+    }
+
+    /// The lease is gone: grant a new one and put every key on it again.
+    async fn regrant(&self) -> Result<i64, Error> {
+        {
+            let _op = self.lease_op.lock().await;
+            lock(&self.state).lease = None;
+        }
+        let lease = self.ensure_lease().await?;
+        let entries: Vec<(String, String)> = lock(&self.state)
+            .entries
+            .values()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        self.client.put_many(&entries, Some(lease)).await?;
+        Ok(lease)
+    }
+
+    /// Puts back the keys the lease no longer holds, unless another lease holds them now.
+    async fn guard(&self, lease: i64) -> Result<(), Error> {
+        let Some(held) = self.client.lease_keys(lease).await? else {
+            return Err(Error::LeaseNotFound(lease));
+        };
+        let held: std::collections::HashSet<Vec<u8>> = held.into_iter().collect();
+        let missing: Vec<Arc<Entry>> = lock(&self.state)
+            .entries
+            .values()
+            .filter(|e| !held.contains(e.key.as_bytes()))
+            .cloned()
+            .collect();
+        let mut restore = Vec::new();
+        for entry in missing {
+            let (kv, _) = self.client.get(&entry.key).await?;
+            match kv {
+                Some(kv) if kv.lease != 0 && kv.lease != lease => {
+                    tracing::warn!(
+                        key = %entry.key,
+                        lease = format_args!("{:x}", kv.lease),
+                        "key taken over by another lease: left to its owner until it goes away"
+                    );
+                    entry.set_state(RegistrationState::Retrying(
+                        Error::TakenOver {
+                            key: entry.key.clone(),
+                            lease: kv.lease,
+                        }
+                        .into(),
+                    ));
+                }
+                Some(kv) if kv.lease == lease => entry.set_state(RegistrationState::Registered),
+                _ => {
+                    tracing::warn!(key = %entry.key, "key deleted or overwritten behind our back: putting it back");
+                    entry.set_state(RegistrationState::Retrying(
+                        Error::KeyLost(entry.key.clone()).into(),
+                    ));
+                    restore.push(entry);
+                }
+            }
+        }
+        if !restore.is_empty() {
+            let entries: Vec<(String, String)> = restore
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            self.client.put_many(&entries, Some(lease)).await?;
+            for e in restore {
+                e.set_state(RegistrationState::Registered);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pool's task: puts waiting keys, refreshes the lease every heartbeat (each round bounded
+/// by the heartbeat), checks the keys it holds, and re-grants a lost lease.
+async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
+    let Some(every) = pool.upgrade().map(|p| p.heartbeat) else {
+        return;
+    };
+    let mut next = Instant::now() + every;
     let mut failures = 0u32;
     let mut lost = false;
     loop {
-        tokio::time::sleep(delay).await;
-        if lost {
-            match tokio::time::timeout(every.max(Duration::from_secs(1)) * 2, async {
-                grant_and_put(&shared, secs, every).await
-            })
-            .await
-            {
-                Ok(Ok(lease)) => {
-                    tracing::info!(%key, lease, "lease re-granted and key put again");
-                    *lock(&shared.lease) = Some(lease);
-                    shared.set_state(RegistrationState::Registered);
-                    lost = false;
-                    failures = 0;
-                    delay = every;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(%key, error = %e, "re-registering failed; retrying");
-                    shared.set_state(RegistrationState::Retrying(e.into()));
-                    failures += 1;
-                    delay = backoff(failures, every);
-                }
-                Err(_) => {
-                    shared.set_state(RegistrationState::Retrying(sd_core::Error::Timeout(
-                        every * 2,
-                    )));
-                    failures += 1;
-                    delay = backoff(failures, every);
-                }
-            }
+        let Some(p) = pool.upgrade() else { return };
+        let woken = tokio::select! {
+            _ = tokio::time::sleep_until(next) => false,
+            _ = p.wake.notified() => true,
+        };
+        if woken {
+            p.flush().await;
             continue;
         }
-        let Some(lease) = shared.lease() else { return };
-        match tokio::time::timeout(every, shared.client.keep_alive(lease)).await {
-            Ok(Ok(ttl)) if ttl > 0 => {
-                if failures > 0 {
-                    tracing::info!(%key, "heartbeat recovered");
-                }
-                shared.set_state(RegistrationState::Registered);
-                failures = 0;
-                delay = every;
+        p.flush().await;
+        let round = async {
+            if lost {
+                let lease = p.regrant().await?;
+                tracing::info!(lease, "lease re-granted and its keys put again");
+                lost = false;
+                p.set_all(&RegistrationState::Registered);
+                return p.guard(lease).await;
             }
-            Ok(Ok(_)) | Ok(Err(Error::LeaseNotFound(_))) => {
-                tracing::warn!(%key, lease, "etcd lost the lease; granting a new one");
-                shared.set_state(RegistrationState::Retrying(
+            let Some(lease) = lock(&p.state).lease else {
+                return Ok(());
+            };
+            if !p.client.keep_alive(lease, every).await? {
+                return Err(Error::LeaseNotFound(lease));
+            }
+            p.guard(lease).await
+        };
+        match round.await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!("registrations recovered");
+                    p.set_all(&RegistrationState::Registered);
+                }
+                failures = 0;
+                next = Instant::now() + every;
+            }
+            Err(Error::LeaseNotFound(lease)) if !lost => {
+                tracing::warn!(lease, "etcd lost the lease; granting a new one");
+                p.set_all(&RegistrationState::Retrying(
                     Error::LeaseNotFound(lease).into(),
                 ));
                 lost = true;
-                delay = Duration::ZERO;
+                next = Instant::now();
             }
-            Ok(Err(e)) => {
-                tracing::warn!(%key, error = %e, "heartbeat failed; retrying");
-                shared.set_state(RegistrationState::Retrying(e.into()));
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the registrations alive failed; retrying");
+                p.set_all(&RegistrationState::Retrying(e.into()));
                 failures += 1;
-                delay = backoff(failures, every);
-            }
-            Err(_) => {
-                tracing::warn!(%key, "heartbeat timed out; retrying");
-                shared.set_state(RegistrationState::Retrying(sd_core::Error::Timeout(every)));
-                failures += 1;
-                delay = backoff(failures, every);
+                next = Instant::now() + backoff(failures, every);
             }
         }
     }
 }
 
 #[async_trait]
-impl<C: Client> sd_core::Registrar for EtcdRegistrar<C> {
+impl<C: Client + Clone> sd_core::Registrar for EtcdRegistrar<C> {
     async fn register(&self) -> Result<(), sd_core::Error> {
         self.do_register().await.map_err(Into::into)
     }
@@ -393,27 +683,27 @@ impl<C: Client> sd_core::Registrar for EtcdRegistrar<C> {
     }
 
     fn state(&self) -> RegistrationState {
-        lock(&self.shared.state).clone()
+        lock(&self.entry.state).clone()
     }
 }
 
-impl<C: Client> Drop for EtcdRegistrar<C> {
+impl<C: Client + Clone> Drop for EtcdRegistrar<C> {
     fn drop(&mut self) {
-        self.stop_task();
-        if !self.revoke_on_drop {
-            return;
-        }
-        // A lease without a registration is one a canceled register() granted: revoke it too.
-        let Some(lease) = self.shared.lease() else {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
-            rt.spawn(async move {
-                if let Err(e) = shared.client.revoke(lease).await {
-                    tracing::debug!(error = %e, lease, "best-effort revoke on drop failed");
-                }
-            });
+        // A key without a lease was meant to stay: dropping the handle leaves it.
+        if let Some(pool) = &self.pool {
+            let (pool, entry) = (pool.clone(), self.entry.clone());
+            if self.revoke_on_drop {
+                rt.spawn(async move {
+                    if let Err(e) = pool.remove(&entry).await {
+                        tracing::debug!(key = %entry.key, error = %e, "best-effort deregister on drop failed");
+                    }
+                });
+            } else {
+                rt.spawn(async move { pool.orphan(&entry).await });
+            }
         }
     }
 }
@@ -425,14 +715,35 @@ mod tests {
     use sd_core::{Registrar, TtlOption};
     use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
-    fn svc(ttl: bool) -> Service {
-        let s = Service::new("/svc/a:1", "a:1").unwrap();
+    fn svc_on(key: &str, ttl: bool) -> Service {
+        let value = key.rsplit('/').next().unwrap_or(key);
+        let s = Service::new(key, value).unwrap();
         if ttl {
             s.with_ttl(
                 TtlOption::new(Duration::from_millis(500), Duration::from_millis(1500)).unwrap(),
             )
         } else {
             s
+        }
+    }
+
+    fn svc(ttl: bool) -> Service {
+        svc_on("/svc/a:1", ttl)
+    }
+
+    /// A mock whose registrars each get a pool of their own.
+    fn mock() -> MockClient {
+        let mut m = MockClient::new();
+        m.expect_lease_pools().returning(|| None);
+        m
+    }
+
+    fn kv(key: &str, lease: i64) -> crate::KeyValue {
+        crate::KeyValue {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            mod_revision: 2,
+            lease,
         }
     }
 
@@ -445,9 +756,8 @@ mod tests {
 
     #[tokio::test]
     async fn empty_key_is_refused_without_touching_etcd() {
-        let mock = MockClient::new();
         let r = EtcdRegistrar::new(
-            mock,
+            Arc::new(mock()),
             Service {
                 key: String::new(),
                 value: "x".into(),
@@ -460,13 +770,13 @@ mod tests {
 
     #[tokio::test]
     async fn plain_put_and_delete_without_ttl() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         mock.expect_put()
             .withf(|k, v, l| k == "/svc/a:1" && v == "a:1" && l.is_none())
             .times(1)
             .returning(|_, _, _| Ok(()));
         mock.expect_delete().times(1).returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(false));
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(false));
         r.register().await.unwrap();
         r.register().await.unwrap();
         assert!(r.state().is_registered());
@@ -477,48 +787,100 @@ mod tests {
 
     #[tokio::test]
     async fn failed_put_revokes_the_new_lease_and_reports() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         mock.expect_grant().returning(|ttl| Ok((7, ttl)));
-        mock.expect_put().returning(|_, _, _| {
+        mock.expect_put_many().returning(|_, _| {
             Err(Error::Timeout {
                 op: "put",
                 after: Duration::from_secs(5),
             })
         });
-        mock.expect_revoke()
-            .withf(|l| *l == 7)
-            .times(1)
-            .returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(true));
+        let revoked = Arc::new(AtomicUsize::new(0));
+        let rv = revoked.clone();
+        mock.expect_revoke().withf(|l| *l == 7).returning(move |_| {
+            rv.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         assert!(r.register().await.is_err());
         assert!(!r.state().is_registered());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(revoked.load(Ordering::SeqCst), 1);
+    }
+
+    /// Registrars of one client with one TTL share one lease and one keep-alive per heartbeat.
+    #[tokio::test(start_paused = true)]
+    async fn registrars_of_one_client_share_one_lease() {
+        let pools = LeasePools::new();
+        let mut mock = MockClient::new();
+        let p = pools.clone();
+        mock.expect_lease_pools().returning(move || Some(p.clone()));
+        mock.expect_grant().times(1).returning(|ttl| Ok((3, ttl)));
+        let put = Arc::new(AtomicUsize::new(0));
+        let pt = put.clone();
+        mock.expect_put_many().returning(move |e, l| {
+            assert_eq!(l, Some(3));
+            pt.fetch_add(e.len(), Ordering::SeqCst);
+            Ok(())
+        });
+        let beats = Arc::new(AtomicUsize::new(0));
+        let b = beats.clone();
+        mock.expect_keep_alive().returning(move |_, _| {
+            b.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
+        });
+        mock.expect_lease_keys().returning(|_| {
+            Ok(Some(
+                (0..10).map(|i| format!("/svc/{i}").into_bytes()).collect(),
+            ))
+        });
+        let client = Arc::new(mock);
+        let regs: Vec<_> = (0..10)
+            .map(|i| EtcdRegistrar::new(client.clone(), svc_on(&format!("/svc/{i}"), true)))
+            .collect();
+        futures::future::try_join_all(regs.iter().map(|r| r.register()))
+            .await
+            .unwrap();
+        assert_eq!(put.load(Ordering::SeqCst), 10);
+        assert!(regs.iter().all(|r| r.lease() == Some(3)));
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let n = beats.load(Ordering::SeqCst);
+        assert!(
+            (3..=5).contains(&n),
+            "{n} keep-alives in 4 heartbeats for 10 registrars"
+        );
+        for r in regs {
+            r.abandon();
+        }
     }
 
     // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
     #[tokio::test(start_paused = true)]
     async fn lost_lease_is_regranted_and_key_put_again() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         let next_lease = Arc::new(AtomicI64::new(1));
         let n = next_lease.clone();
         mock.expect_grant()
             .returning(move |ttl| Ok((n.fetch_add(1, Ordering::SeqCst), ttl)));
         let puts = Arc::new(AtomicUsize::new(0));
         let p = puts.clone();
-        mock.expect_put().returning(move |_, _, lease| {
+        mock.expect_put_many().returning(move |_, lease| {
             p.fetch_add(1, Ordering::SeqCst);
             assert!(lease.is_some());
             Ok(())
         });
         // Lease 1 is lost at once; lease 2 stays alive.
         mock.expect_keep_alive()
-            .returning(|lease| Ok(if lease == 1 { 0 } else { 2 }));
+            .returning(|lease, _| Ok(lease != 1));
+        mock.expect_lease_keys()
+            .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
         mock.expect_delete_if_lease()
             .withf(|_, l| *l == 2)
             .returning(|_, _| Ok(true));
         mock.expect_revoke()
             .withf(|l| *l == 2)
             .returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(true));
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
         assert_eq!(r.lease(), Some(1));
         tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -531,20 +893,23 @@ mod tests {
     // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
     #[tokio::test(start_paused = true)]
     async fn failing_heartbeat_reports_retrying_then_recovers() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         mock.expect_grant().returning(|ttl| Ok((5, ttl)));
-        mock.expect_put().returning(|_, _, _| Ok(()));
+        mock.expect_put_many().returning(|_, _| Ok(()));
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
-        mock.expect_keep_alive().returning(move |_| {
+        mock.expect_keep_alive().returning(move |_, _| {
             if c.fetch_add(1, Ordering::SeqCst) < 2 {
                 Err(Error::Watch("connection reset".into()))
             } else {
-                Ok(2)
+                Ok(true)
             }
         });
+        mock.expect_lease_keys()
+            .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
+        mock.expect_delete_if_lease().returning(|_, _| Ok(true));
         mock.expect_revoke().returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(true));
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
         tokio::time::sleep(Duration::from_millis(650)).await;
         assert!(
@@ -555,24 +920,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(r.state().is_registered(), "{:?}", r.state());
         assert!(calls.load(Ordering::SeqCst) >= 3);
-        // Dropping revokes in the background.
         drop(r);
         tokio::task::yield_now().await;
     }
 
     #[tokio::test]
     async fn deregister_leaves_a_key_taken_over_by_another_lease() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         mock.expect_grant().returning(|ttl| Ok((9, ttl)));
-        mock.expect_put().returning(|_, _, _| Ok(()));
-        mock.expect_keep_alive().returning(|_| Ok(2));
+        mock.expect_put_many().returning(|_, _| Ok(()));
         mock.expect_delete_if_lease().returning(|_, _| Ok(false));
         mock.expect_delete().never();
         mock.expect_revoke()
             .withf(|l| *l == 9)
             .times(1)
             .returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(true));
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
         r.deregister().await.unwrap();
         assert_eq!(r.lease(), None);
@@ -581,15 +944,17 @@ mod tests {
     // Paused time: the heartbeat's timers fire in a fixed order, however loaded the machine.
     #[tokio::test(start_paused = true)]
     async fn a_failed_deregister_keeps_the_registration_alive() {
-        let mut mock = MockClient::new();
+        let mut mock = mock();
         mock.expect_grant().times(1).returning(|ttl| Ok((5, ttl)));
-        mock.expect_put().times(1).returning(|_, _, _| Ok(()));
+        mock.expect_put_many().times(1).returning(|_, _| Ok(()));
         let beats = Arc::new(AtomicUsize::new(0));
         let b = beats.clone();
-        mock.expect_keep_alive().returning(move |_| {
+        mock.expect_keep_alive().returning(move |_, _| {
             b.fetch_add(1, Ordering::SeqCst);
-            Ok(2)
+            Ok(true)
         });
+        mock.expect_lease_keys()
+            .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
         let deletes = Arc::new(AtomicUsize::new(0));
         let d = deletes.clone();
         mock.expect_delete_if_lease().returning(move |_, _| {
@@ -600,7 +965,7 @@ mod tests {
             }
         });
         mock.expect_revoke().times(1).returning(|_| Ok(()));
-        let r = EtcdRegistrar::new(mock, svc(true));
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
         assert!(r.deregister().await.is_err());
         // The key is still there, on lease 5: it must still be kept alive.
@@ -613,130 +978,69 @@ mod tests {
         );
         // register() on a registered service is a no-op that keeps it alive.
         r.register().await.unwrap();
-        let before = beats.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-        assert!(beats.load(Ordering::SeqCst) > before);
         r.deregister().await.unwrap();
         assert_eq!(r.lease(), None);
     }
 
-    /// A client whose `put` on one lease never answers (mockall's answers are synchronous, so
-    /// it cannot leave a call in flight by itself).
-    struct StalledPut {
-        inner: MockClient,
-        lease: i64,
-        entered: Arc<tokio::sync::Notify>,
-    }
-
-    #[async_trait]
-    impl Client for StalledPut {
-        async fn get_prefix(&self, p: &str) -> Result<(Vec<crate::KeyValue>, i64), Error> {
-            self.inner.get_prefix(p).await
-        }
-        async fn watch_prefix(&self, p: &str, rev: i64) -> Result<crate::WatchStream, Error> {
-            self.inner.watch_prefix(p, rev).await
-        }
-        async fn grant(&self, ttl: i64) -> Result<(i64, i64), Error> {
-            self.inner.grant(ttl).await
-        }
-        async fn keep_alive(&self, lease: i64) -> Result<i64, Error> {
-            self.inner.keep_alive(lease).await
-        }
-        async fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<(), Error> {
-            if lease == Some(self.lease) {
-                self.entered.notify_one();
-                std::future::pending::<()>().await;
-            }
-            self.inner.put(key, value, lease).await
-        }
-        async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error> {
-            self.inner.delete_if_lease(key, lease).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), Error> {
-            self.inner.delete(key).await
-        }
-        async fn revoke(&self, lease: i64) -> Result<(), Error> {
-            self.inner.revoke(lease).await
-        }
-    }
-
-    /// deregister() while the heartbeat re-grants a lost lease (granted, key not yet put):
-    /// the new lease is the one revoked, so neither it nor the key outlives the registrar.
-    #[tokio::test]
-    async fn deregister_during_a_regrant_revokes_the_new_lease() {
-        let mut mock = MockClient::new();
-        let next = Arc::new(AtomicI64::new(1));
-        let n = next.clone();
-        mock.expect_grant()
-            .times(2)
-            .returning(move |ttl| Ok((n.fetch_add(1, Ordering::SeqCst), ttl)));
-        mock.expect_put()
-            .withf(|_, _, l| *l == Some(1))
-            .times(1)
-            .returning(|_, _, _| Ok(()));
-        mock.expect_keep_alive()
-            .withf(|l| *l == 1)
-            .returning(|_| Ok(0));
-        mock.expect_delete_if_lease()
-            .withf(|_, l| *l == 2)
-            .times(1)
-            .returning(|_, _| Ok(true));
-        mock.expect_revoke()
-            .withf(|l| *l == 2)
-            .times(1)
-            .returning(|_| Ok(()));
-        let entered = Arc::new(tokio::sync::Notify::new());
-        let client = StalledPut {
-            inner: mock,
-            lease: 2,
-            entered: entered.clone(),
-        };
-        let r = EtcdRegistrar::new(client, svc(true));
-        r.register().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), entered.notified())
-            .await
-            .expect("the heartbeat re-grants the lost lease");
-        r.deregister().await.unwrap();
-        assert_eq!(r.lease(), None);
-    }
-
-    #[tokio::test]
-    async fn failed_deregister_can_be_retried() {
-        let mut mock = MockClient::new();
-        mock.expect_put().returning(|_, _, _| Ok(()));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        mock.expect_delete().returning(move |_| {
-            if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(Error::Watch("unavailable".into()))
-            } else {
-                Ok(())
-            }
+    /// The guard's rule, all three ways: a key deleted, or overwritten without a lease, is put
+    /// back within a heartbeat; a key another lease holds is left alone (Retrying) until it is
+    /// gone, then put back.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_lost_behind_our_back_is_put_back_unless_another_lease_holds_it() {
+        // What etcd holds for our key, round by round: (on our lease?, value of a get).
+        let script: Arc<[(bool, Option<i64>)]> = Arc::from(vec![
+            (true, None),      // registered
+            (false, None),     // deleted behind our back -> put back
+            (true, None),      // back
+            (false, Some(0)),  // overwritten without a lease -> put back
+            (true, None),      // back
+            (false, Some(77)), // held by lease 77 -> left alone
+            (false, Some(77)), // still held -> still left alone
+            (false, None),     // lease 77's key gone -> put back
+            (true, None),
+        ]);
+        let round = Arc::new(AtomicUsize::new(0));
+        let mut mock = mock();
+        mock.expect_grant().returning(|ttl| Ok((5, ttl)));
+        let restores = Arc::new(Mutex::new(Vec::new()));
+        let (rs, rd) = (restores.clone(), round.clone());
+        mock.expect_put_many().returning(move |_, lease| {
+            assert_eq!(lease, Some(5), "never overwrites on another lease");
+            rs.lock().unwrap().push(rd.load(Ordering::SeqCst));
+            Ok(())
         });
-        let r = EtcdRegistrar::new(mock, svc(false));
+        mock.expect_keep_alive().returning(|_, _| Ok(true));
+        let (sc, rd) = (script.clone(), round.clone());
+        mock.expect_lease_keys().returning(move |_| {
+            let i = rd.fetch_add(1, Ordering::SeqCst);
+            let held = sc.get(i).map(|s| s.0).unwrap_or(true);
+            Ok(Some(if held {
+                vec![b"/svc/a:1".to_vec()]
+            } else {
+                vec![]
+            }))
+        });
+        let (sc, rd) = (script.clone(), round.clone());
+        mock.expect_get().returning(move |key| {
+            let i = rd.load(Ordering::SeqCst) - 1;
+            let lease = sc.get(i).and_then(|s| s.1);
+            Ok((lease.map(|l| kv(key, l)), crate::Header::default()))
+        });
+        let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
-        assert!(r.deregister().await.is_err());
-        r.deregister().await.unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn a_failed_revoke_after_the_delete_still_deregisters() {
-        let mut mock = MockClient::new();
-        mock.expect_grant().times(1).returning(|ttl| Ok((7, ttl)));
-        mock.expect_put().times(1).returning(|_, _, _| Ok(()));
-        mock.expect_keep_alive().returning(|_| Ok(2));
-        mock.expect_delete_if_lease()
-            .times(1)
-            .returning(|_, _| Ok(true));
-        mock.expect_revoke()
-            .times(1)
-            .returning(|_| Err(Error::Watch("unavailable".into())));
-        let r = EtcdRegistrar::new(mock, svc(true)).with_revoke_on_drop(false);
-        r.register().await.unwrap();
-        r.deregister().await.unwrap();
-        assert!(!r.state().is_registered(), "{:?}", r.state());
-        assert_eq!(r.lease(), None);
-        r.deregister().await.unwrap();
+        let mut states = Vec::new();
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::task::yield_now().await;
+            states.push(r.state());
+        }
+        // Puts: the registration (round 0), then after rounds 2, 4 and 8 (1-based rounds).
+        assert_eq!(*restores.lock().unwrap(), vec![0, 2, 4, 8], "{states:?}");
+        assert!(
+            states.iter().any(|s| matches!(s, RegistrationState::Retrying(e) if e.to_string().contains("another lease"))),
+            "{states:?}"
+        );
+        assert!(r.state().is_registered(), "{:?}", r.state());
+        r.abandon();
     }
 }

@@ -218,9 +218,13 @@ async fn nothing_leaks_in_etcd() {
             etcd_watchers(&ep).await >= base + 3
         })
         .await;
-        assert_eq!(leases(&etcd).await, 4);
-        // Two deregistered, one dropped (revokes in the background), one abandoned (its lease
-        // lives until its TTL, as a crashed process's would).
+        assert_eq!(
+            leases(&etcd).await,
+            1,
+            "the four registrations share one lease"
+        );
+        // Two deregistered, one dropped (deregisters in the background), one abandoned (its
+        // key lives until its TTL, as a crashed process's would).
         let mut regs = regs.into_iter();
         let (a, b, c, d) = (
             regs.next().unwrap(),
@@ -230,18 +234,18 @@ async fn nothing_leaks_in_etcd() {
         );
         a.deregister().await.unwrap();
         b.deregister().await.unwrap();
-        let (c_lease, d_lease) = (c.lease().unwrap(), d.lease().unwrap());
+        let (c_key, d_key) = (c.key().to_string(), d.key().to_string());
         drop(c);
         d.abandon();
-        // The dropped registrar's lease is revoked, not left to expire: it is gone while the
+        // The dropped registrar's key is deleted, not left to expire: it is gone while the
         // abandoned one's (kept alive until just now, TTL 2 s) still lives.
-        until("dropped registrar's lease revoked", || async {
-            !lease_ids(&etcd).await.contains(&c_lease)
+        until("dropped registrar's key deleted", || async {
+            client.get(&c_key).await.unwrap().0.is_none()
         })
         .await;
         assert!(
-            lease_ids(&etcd).await.contains(&d_lease),
-            "the dropped registrar's lease expired instead of being revoked"
+            client.get(&d_key).await.unwrap().0.is_some(),
+            "the abandoned registrar's key was deleted instead of left to expire"
         );
         instancers[0].stop();
         drop(instancers);
@@ -262,8 +266,8 @@ async fn nothing_leaks_in_etcd() {
 
 /// One client shared by ten registrars and two instancers, all working at once: registrations
 /// and deregistrations run concurrently on the client the watches use, the watches keep
-/// delivering, every registrar keeps a lease of its own alive past its TTL. (go-kit's client
-/// holds one lease, and a `Register()` on it silently kills that client's watch.)
+/// delivering, the registrars' shared lease is kept alive past its TTL. (go-kit's client holds
+/// one lease, and a `Register()` on it silently kills that client's watch.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_shared_by_many_registrars_and_instancers() {
     use sd_core::testkit::eventually_instances;
@@ -324,7 +328,7 @@ async fn one_client_shared_by_many_registrars_and_instancers() {
     on_all(&regs, |_| true, true).await;
     both_see(&mut streams, &all).await;
     let lease_ids: BTreeSet<i64> = regs.iter().filter_map(|r| r.lease()).collect();
-    assert_eq!(lease_ids.len(), 10, "each registrar owns a lease");
+    assert_eq!(lease_ids.len(), 1, "the registrars share one lease");
 
     // Half deregister while the other half registers again (a no-op) and a plain key is put.
     let odd = |i: usize| i % 2 == 1;

@@ -19,7 +19,9 @@ fn ttl() -> TtlOption {
 
 async fn key_lease(client: &EtcdClient, key: &str) -> Option<i64> {
     let (kvs, _) = client.get_prefix(key).await.ok()?;
-    kvs.into_iter().find(|kv| kv.key == key).map(|kv| kv.lease)
+    kvs.into_iter()
+        .find(|kv| kv.key == key.as_bytes())
+        .map(|kv| kv.lease)
 }
 
 /// Waits until `key` is in etcd on a lease other than `old`; returns how long it took.
@@ -308,7 +310,7 @@ async fn hung_etcd_is_noticed_and_recovered() {
     let mut events = instancer.subscribe();
     eventually_instances(&mut events, TIMEOUT, &["127.0.0.1:5000"]).await;
     let (_, rev) = client.get_prefix(prefix).await.unwrap();
-    let mut watch = client.watch_prefix(prefix, rev + 1).await.unwrap();
+    let mut watch = client.watch_prefix(prefix, rev.revision + 1).await.unwrap();
     etcd.pause();
     let start = Instant::now();
     // The watch itself ends with an error once a progress request goes unanswered (~2 s),
@@ -355,7 +357,10 @@ async fn idle_watch_survives_keep_alive_policy() {
     let etcd = EtcdServer::start().await;
     let client = etcd.client().await;
     let (_, rev) = client.get_prefix("/idle/").await.unwrap();
-    let mut stream = client.watch_prefix("/idle/", rev + 1).await.unwrap();
+    let mut stream = client
+        .watch_prefix("/idle/", rev.revision + 1)
+        .await
+        .unwrap();
     let idle = tokio::time::timeout(Duration::from_secs(14), async {
         while let Some(item) = stream.next().await {
             let batch = item.expect("the idle watch broke");
@@ -376,7 +381,7 @@ async fn idle_watch_survives_keep_alive_policy() {
     })
     .await
     .expect("the event on the same stream");
-    assert_eq!(batch.events[0].key(), "/idle/a");
+    assert_eq!(batch.events[0].key(), b"/idle/a");
 }
 
 /// A watch resumed far behind the store catches up in several responses (etcd sends at most
