@@ -1,14 +1,73 @@
-//! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`.
+//! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`,
+//! and the checks every duration flag goes through.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use sd_etcd::{ClientOptions, EtcdClient};
 
+/// The environment variable that gives the etcd password when `--password` is not given.
+///
+/// ```
+/// assert_eq!(examples::PASSWORD_ENV, "ETCD_PASSWORD");
+/// ```
+pub const PASSWORD_ENV: &str = "ETCD_PASSWORD";
+
+/// The longest duration any flag of the example programs takes: 365 days. Longer ones are
+/// mistakes, and the longest ones (`--run-for 18446744073709551615s`) overflow the clock.
+///
+/// ```
+/// assert_eq!(examples::MAX_FLAG_DURATION.as_secs(), 365 * 24 * 3600);
+/// ```
+pub const MAX_FLAG_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks the value of a duration flag: more than zero, at most [`MAX_FLAG_DURATION`]. The
+/// error names the flag and the value and says what to give instead.
+///
+/// ```
+/// use std::time::Duration;
+/// use examples::check_duration;
+///
+/// assert!(check_duration("--call-every", Duration::from_secs(2)).is_ok());
+/// let err = check_duration("--call-every", Duration::ZERO).unwrap_err();
+/// assert_eq!(err, "--call-every 0s: give a duration above zero, e.g. 500ms, 3s or 1m");
+/// assert!(check_duration("--run-for", Duration::MAX).unwrap_err().contains("at most 365 days"));
+/// ```
+pub fn check_duration(flag: &str, value: Duration) -> Result<(), String> {
+    if value.is_zero() {
+        return Err(format!(
+            "{flag} 0s: give a duration above zero, e.g. 500ms, 3s or 1m"
+        ));
+    }
+    if value > MAX_FLAG_DURATION {
+        // In seconds: humantime would spell 10^11 s out in years, months and days.
+        return Err(format!(
+            "{flag} {}s: too long, give at most 365 days",
+            value.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// etcd connection flags (`--etcd`, TLS files, user and password, timeouts).
+///
+/// ```
+/// use clap::Parser;
+///
+/// #[derive(Parser)]
+/// struct Args {
+///     #[command(flatten)]
+///     etcd: examples::EtcdArgs,
+/// }
+///
+/// let args = Args::parse_from(["prog", "--etcd", "http://127.0.0.1:2379", "--dial-timeout", "1s"]);
+/// let options = args.etcd.client_options(None).unwrap();
+/// assert_eq!(options.connect_timeout(), std::time::Duration::from_secs(1));
+/// ```
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
+    /// etcd endpoints, comma-separated: http://HOST:PORT or https://HOST:PORT (IPv6 addresses
+    /// in brackets, e.g. http://[::1]:2379).
     #[arg(
         long = "etcd",
         env = "ETCD_ENDPOINTS",
@@ -22,14 +81,16 @@ pub struct EtcdArgs {
     /// Client certificate (PEM) for etcd's client-certificate authentication.
     #[arg(long, requires = "key_file")]
     pub cert_file: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
+    /// The client certificate's private key (PEM); it must belong to --cert-file.
     #[arg(long, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
-    /// etcd user name.
-    #[arg(long, requires = "password")]
+    /// etcd user name; needs a password, from --password or the ETCD_PASSWORD environment
+    /// variable.
+    #[arg(long, env = "ETCD_USER")]
     pub user: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "ETCD_PASSWORD", requires = "user", hide_env_values = true)]
+    /// etcd password; needs --user. When it is not given, the ETCD_PASSWORD environment
+    /// variable is used if a user is given, and ignored (with a note) if none is.
+    #[arg(long, requires = "user")]
     pub password: Option<String>,
     /// How long to wait for an etcd endpoint to answer when connecting.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
@@ -40,8 +101,36 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    /// The client options these flags describe.
-    pub fn client_options(&self) -> ClientOptions {
+    /// The client options these flags describe, after checking the durations and the
+    /// credentials. `env_password` is the value of [`PASSWORD_ENV`] (see
+    /// [`env_password`](Self::env_password)); `--password` takes precedence over it, and it is
+    /// not used without a user.
+    ///
+    /// ```
+    /// use clap::Parser;
+    ///
+    /// #[derive(Parser)]
+    /// struct Args {
+    ///     #[command(flatten)]
+    ///     etcd: examples::EtcdArgs,
+    /// }
+    ///
+    /// let args = Args::parse_from(["prog", "--user", "root"]);
+    /// let options = args.etcd.client_options(Some("secret".into())).unwrap();
+    /// assert_eq!(options.user(), Some("root"));
+    /// // A user without any password is refused.
+    /// assert!(args.etcd.client_options(None).is_err());
+    /// // A password from the environment without a user is left out.
+    /// let args = Args::parse_from(["prog"]);
+    /// assert_eq!(args.etcd.client_options(Some("secret".into())).unwrap().user(), None);
+    /// ```
+    pub fn client_options(
+        &self,
+        env_password: Option<String>,
+    ) -> Result<ClientOptions, sd_etcd::Error> {
+        let invalid = sd_etcd::Error::InvalidOptions;
+        check_duration("--dial-timeout", self.dial_timeout).map_err(invalid)?;
+        check_duration("--keep-alive", self.keep_alive).map_err(invalid)?;
         let mut opts = ClientOptions::new()
             .with_connect_timeout(self.dial_timeout)
             .with_keep_alive_timeout(self.keep_alive);
@@ -51,23 +140,105 @@ impl EtcdArgs {
         if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
             opts = opts.with_client_cert_files(cert, key);
         }
-        if let (Some(user), Some(password)) = (&self.user, &self.password) {
-            opts = opts.with_user(user, password);
+        match (&self.user, self.password.clone().or(env_password)) {
+            (Some(user), Some(password)) => opts = opts.with_user(user, password),
+            (Some(user), None) => {
+                return Err(invalid(format!(
+                    "the etcd user {user:?} (from --user or ETCD_USER) has no password: give \
+                     --password or set {PASSWORD_ENV}"
+                )));
+            }
+            (None, _) if self.password.is_some() => {
+                return Err(invalid(
+                    "--password was given without --user: give the user name too".into(),
+                ));
+            }
+            (None, _) => {}
         }
-        opts
+        Ok(opts)
     }
 
-    /// Connects to etcd (fails within the dial timeout, naming the endpoints, if none answers).
-    pub async fn connect(&self) -> Result<EtcdClient, sd_etcd::Error> {
-        EtcdClient::connect(
-            self.endpoints.iter().map(String::as_str),
-            self.client_options(),
-        )
-        .await
+    /// What the user should be told about the flags, given the value of [`PASSWORD_ENV`]: a
+    /// password in the environment without a user is ignored.
+    ///
+    /// ```
+    /// use clap::Parser;
+    ///
+    /// #[derive(Parser)]
+    /// struct Args {
+    ///     #[command(flatten)]
+    ///     etcd: examples::EtcdArgs,
+    /// }
+    ///
+    /// let args = Args::parse_from(["prog"]);
+    /// assert_eq!(
+    ///     args.etcd.notes(Some("secret")),
+    ///     ["ETCD_PASSWORD is set but no --user was given: ignoring it"]
+    /// );
+    /// assert!(args.etcd.notes(None).is_empty());
+    /// ```
+    pub fn notes(&self, env_password: Option<&str>) -> Vec<String> {
+        let mut notes = Vec::new();
+        if env_password.is_some() && self.user.is_none() {
+            notes.push(format!(
+                "{PASSWORD_ENV} is set but no --user was given: ignoring it"
+            ));
+        }
+        notes
+    }
+
+    /// The value of [`PASSWORD_ENV`]: `None` when it is unset or empty. A value that is not
+    /// UTF-8 is an error naming the variable.
+    ///
+    /// ```
+    /// // Whatever the environment holds, it is read without panicking.
+    /// let _ = examples::EtcdArgs::env_password();
+    /// ```
+    pub fn env_password() -> Result<Option<String>, sd_etcd::Error> {
+        match std::env::var(PASSWORD_ENV) {
+            Ok(p) if p.is_empty() => Ok(None),
+            Ok(p) => Ok(Some(p)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(sd_etcd::Error::InvalidOptions(format!(
+                "{PASSWORD_ENV} is not UTF-8 text: unset it or give --password"
+            ))),
+        }
+    }
+
+    /// Checks the flags, prints the [`notes`](Self::notes) to stderr (each prefixed with
+    /// `program`), then connects to etcd: fails before any network traffic on a malformed
+    /// endpoint or TLS file, and within the dial timeout, naming the endpoints, if none answers.
+    ///
+    /// ```no_run
+    /// use clap::Parser;
+    ///
+    /// #[derive(Parser)]
+    /// struct Args {
+    ///     #[command(flatten)]
+    ///     etcd: examples::EtcdArgs,
+    /// }
+    ///
+    /// # async fn run() -> Result<(), sd_etcd::Error> {
+    /// let args = Args::parse();
+    /// let client = args.etcd.connect("prog").await?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub async fn connect(&self, program: &str) -> Result<EtcdClient, sd_etcd::Error> {
+        let env_password = Self::env_password()?;
+        for note in self.notes(env_password.as_deref()) {
+            eprintln!("{program}: {note}");
+        }
+        let options = self.client_options(env_password)?;
+        EtcdClient::connect(self.endpoints.iter().map(String::as_str), options).await
     }
 }
 
 /// Logs to stderr, at the level `RUST_LOG` asks for (default: `default`).
+///
+/// ```no_run
+/// examples::init_logging("warn");
+/// tracing::warn!("shown");
+/// ```
 pub fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -76,4 +247,72 @@ pub fn init_logging(default: &str) {
                 .unwrap_or_else(|_| default.into()),
         )
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EtcdArgs, clap::Error> {
+        Args::try_parse_from(std::iter::once("prog").chain(args.iter().copied())).map(|a| a.etcd)
+    }
+
+    #[test]
+    fn zero_and_huge_timeouts_are_refused_naming_the_flag() {
+        for (args, says) in [
+            (&["--dial-timeout", "0s"][..], "--dial-timeout 0s"),
+            (&["--keep-alive", "0s"][..], "--keep-alive 0s"),
+            (
+                &["--dial-timeout", "18446744073709551615s"][..],
+                "--dial-timeout",
+            ),
+            (&["--keep-alive", "400days"][..], "at most 365 days"),
+        ] {
+            let err = parse(args).unwrap().client_options(None).unwrap_err();
+            assert!(matches!(err, sd_etcd::Error::InvalidOptions(_)), "{err:?}");
+            assert!(err.to_string().contains(says), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_password_from_the_environment_needs_a_user() {
+        let no_user = parse(&[]).unwrap();
+        let opts = no_user.client_options(Some("secret".into())).unwrap();
+        assert_eq!(opts.user(), None, "ignored");
+        assert_eq!(no_user.notes(Some("secret")).len(), 1);
+
+        let with_user = parse(&["--user", "root"]).unwrap();
+        let opts = with_user.client_options(Some("secret".into())).unwrap();
+        assert_eq!(opts.user(), Some("root"));
+        assert!(with_user.notes(Some("secret")).is_empty());
+
+        let err = with_user.client_options(None).unwrap_err().to_string();
+        assert!(err.contains("\"root\""), "{err}");
+        assert!(err.contains("--password"), "{err}");
+        assert!(err.contains(PASSWORD_ENV), "{err}");
+    }
+
+    #[test]
+    fn the_command_line_password_wins_and_needs_a_user() {
+        let args = parse(&["--user", "root", "--password", "cli"]).unwrap();
+        assert_eq!(
+            args.client_options(Some("env".into())).unwrap().user(),
+            Some("root")
+        );
+        let err = parse(&["--password", "cli"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{err}"
+        );
+        assert!(err.to_string().contains("--user"), "{err}");
+    }
 }

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sd_etcd::testing::EtcdServer;
+use sd_etcd::testing::{EtcdServer, ServerOptions};
 
 /// Checks what the demo printed: calls leave a deregistered instance at once, and a crashed
 /// one once its TTL has expired; every endpoint is closed exactly once.
@@ -235,4 +235,179 @@ fn foosvc_reports_bad_flags_and_unreachable_etcd() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http://127.0.0.1:1"), "{err}");
+}
+
+/// The environment variables foosvc reads flags from, cleared so that the test's own
+/// environment cannot change what a run means.
+const ETCD_ENV: [&str; 3] = ["ETCD_ENDPOINTS", "ETCD_USER", "ETCD_PASSWORD"];
+
+/// Runs foosvc to completion with `args` and `env` (and none of [`ETCD_ENV`] otherwise).
+async fn run_foosvc(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_foosvc"));
+    for var in ETCD_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("foosvc finished within 30 s")
+        .expect("run foosvc")
+}
+
+/// Asserts that foosvc failed with an error (no panic) that says each of `says`; returns stderr.
+fn assert_refused(out: &Output, says: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "foosvc should fail; stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(1), "an error, not a crash: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for s in says {
+        assert!(err.contains(s), "stderr says {s:?}:\n{err}");
+    }
+    err
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+/// Durations that would panic once registered (a zero call period panics the timer; a
+/// `--run-for` past the clock's end overflows it) are refused before anything is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_refuses_bad_durations_before_registering() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    for (flag, value, says) in [
+        (
+            "--call-every",
+            "0s",
+            "--call-every 0s: give a duration above zero",
+        ),
+        (
+            "--run-for",
+            "100000000000s",
+            "--run-for 100000000000s: too long",
+        ),
+        ("--run-for", "18446744073709551615s", "at most 365 days"),
+        ("--call-every", "18446744073709551615s", "--call-every"),
+        ("--ttl", "18446744073709551615s", "--ttl"),
+        ("--dial-timeout", "0s", "--dial-timeout 0s"),
+        ("--keep-alive", "0s", "--keep-alive 0s"),
+    ] {
+        let out = run_foosvc(
+            &[
+                "--etcd",
+                &endpoint,
+                "--instance",
+                "127.0.0.1:9201",
+                flag,
+                value,
+            ],
+            &[],
+        )
+        .await;
+        assert_refused(&out, &[says]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("registered"), "{flag} {value}: {stdout}");
+        assert!(
+            foosvc_keys(&etcd).await.is_empty(),
+            "{flag} {value}: key left behind"
+        );
+    }
+}
+
+/// Endpoints that are not http://HOST:PORT or https://HOST:PORT are refused without dialing,
+/// naming the endpoint and saying what to write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_refuses_malformed_endpoints() {
+    for (endpoint, says) in [
+        ("127.0.0.1:99999", "has no scheme"),
+        ("unix:///x", "has the scheme \"unix\""),
+        (
+            "http://127.0.0.1:99999",
+            "the port 99999, which is out of range",
+        ),
+        ("http://127.0.0.1:0", "the port 0, which is out of range"),
+    ] {
+        let out = run_foosvc(&["--etcd", endpoint], &[]).await;
+        assert_refused(
+            &out,
+            &[
+                &format!("endpoint {endpoint:?}"),
+                says,
+                "write http://HOST:PORT or https://HOST:PORT",
+            ],
+        );
+    }
+}
+
+/// ETCD_PASSWORD without a user is ignored with a note: the run goes on (here to a closed
+/// port, so it fails to connect, naming the endpoint). `--password` without `--user` is an
+/// error of the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_ignores_etcd_password_without_a_user() {
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let out = run_foosvc(
+        &["--etcd", &endpoint, "--dial-timeout", "1s"],
+        &[("ETCD_PASSWORD", "hunter2")],
+    )
+    .await;
+    let err = assert_refused(
+        &out,
+        &[
+            "foosvc: ETCD_PASSWORD is set but no --user was given: ignoring it",
+            "could not connect to etcd",
+            &endpoint,
+        ],
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!err.contains("required"), "not a command-line error: {err}");
+
+    let out = run_foosvc(&["--etcd", &endpoint, "--password", "hunter2"], &[]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a command-line error: {err}");
+    assert!(err.contains("--user"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// With a user (from --user or ETCD_USER), ETCD_PASSWORD is the password; a user without any
+/// password is refused before connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_logs_in_with_etcd_user_and_etcd_password() {
+    let etcd = EtcdServer::start_with(ServerOptions::new().with_auth("s3cret")).await;
+    let endpoint = etcd.endpoint();
+    let args = [
+        "--etcd",
+        &endpoint,
+        "--instance",
+        "127.0.0.1:9202",
+        "--run-for",
+        "500ms",
+    ];
+    for (user_flag, env) in [
+        (
+            &[][..],
+            &[("ETCD_USER", "root"), ("ETCD_PASSWORD", "s3cret")][..],
+        ),
+        (&["--user", "root"][..], &[("ETCD_PASSWORD", "s3cret")][..]),
+    ] {
+        let out = run_foosvc(&[&args[..], user_flag].concat(), env).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{env:?}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("registered /services/foosvc/127.0.0.1:9202"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("deregistered"), "{stdout}");
+        assert!(!stderr.contains("ignoring"), "{stderr}");
+    }
+    assert!(foosvc_keys(&etcd).await.is_empty());
+
+    let out = run_foosvc(&args, &[("ETCD_USER", "root")]).await;
+    assert_refused(
+        &out,
+        &["the etcd user \"root\"", "has no password", "ETCD_PASSWORD"],
+    );
 }

@@ -4,6 +4,10 @@
 //! instances as they change, calls one every `--call-every`, and deregisters on shutdown
 //! (Ctrl-C / SIGINT, SIGTERM, or after `--run-for`).
 //!
+//! Every flag is checked before anything is registered (durations above zero and at most 365
+//! days, endpoints `http://HOST:PORT` or `https://HOST:PORT`, TLS files readable and matching),
+//! so a mistake is reported on stderr with a non-zero exit, and no key is left behind.
+//!
 //! ```text
 //! cargo xtask etcd &                      # a local etcd on 127.0.0.1:2379
 //! cargo run -p examples --bin foosvc -- --instance 127.0.0.1:8080
@@ -36,16 +40,17 @@ struct Args {
     /// This instance's address, registered under /services/foosvc/<instance>.
     #[arg(long, default_value = "127.0.0.1:8080")]
     instance: String,
-    /// How often the registration is refreshed.
+    /// How often the registration is refreshed (at least 500ms).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
-    /// How long etcd keeps the registration after the last heartbeat.
+    /// How long etcd keeps the registration after the last heartbeat (more than --heartbeat,
+    /// at most 365 days).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     ttl: Duration,
-    /// How often to call barsvc.
+    /// How often to call barsvc (above zero, at most 365 days).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     call_every: Duration,
-    /// Shut down after this long instead of waiting for a signal.
+    /// Shut down after this long (at most 365 days) instead of waiting for a signal.
     #[arg(long, value_parser = humantime::parse_duration)]
     run_for: Option<Duration>,
 }
@@ -74,7 +79,23 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Checks foosvc's own duration flags, before anything is registered: a zero `--call-every`
+/// would panic the call timer, and an unbounded `--run-for` overflows the clock.
+fn check_durations(args: &Args) -> Result<(), Error> {
+    let mut checks = vec![
+        ("--heartbeat", args.heartbeat),
+        ("--ttl", args.ttl),
+        ("--call-every", args.call_every),
+    ];
+    checks.extend(args.run_for.map(|d| ("--run-for", d)));
+    for (flag, value) in checks {
+        examples::check_duration(flag, value).map_err(Error::invalid_argument)?;
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), Error> {
+    check_durations(&args)?;
     let ttl = TtlOption::new(args.heartbeat, args.ttl)?;
     let service =
         Service::new(format!("{FOO_PREFIX}{}", args.instance), &args.instance)?.with_ttl(ttl);
@@ -82,7 +103,7 @@ async fn run(args: Args) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::backend)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::backend)?;
 
-    let client = args.etcd.connect().await?;
+    let client = args.etcd.connect("foosvc").await?;
     let registrar = EtcdRegistrar::new(client.clone(), service);
     registrar.register().await?;
     println!(
@@ -92,9 +113,19 @@ async fn run(args: Args) -> Result<(), Error> {
 
     let result = serve(&args, client, &mut sigterm, &mut sigint).await;
 
-    registrar.deregister().await?;
-    println!("deregistered {FOO_PREFIX}{}", args.instance);
-    result
+    // Deregister whatever serve() returned; report both errors if both failed.
+    match registrar.deregister().await {
+        Ok(()) => {
+            println!("deregistered {FOO_PREFIX}{}", args.instance);
+            result
+        }
+        Err(e) => {
+            if let Err(served) = &result {
+                eprintln!("foosvc: {served}");
+            }
+            Err(e)
+        }
+    }
 }
 
 async fn serve(
@@ -111,11 +142,12 @@ async fn serve(
     let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
     let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(3))?;
 
+    // Both durations were checked by check_durations(): the period is not zero, and sleep()
+    // saturates a deadline past the clock's end instead of adding to an Instant.
     let mut calls = tokio::time::interval(args.call_every);
-    let stop_at = args.run_for.map(|d| tokio::time::Instant::now() + d);
     let deadline = async {
-        match stop_at {
-            Some(at) => tokio::time::sleep_until(at).await,
+        match args.run_for {
+            Some(d) => tokio::time::sleep(d).await,
             None => futures::future::pending().await,
         }
     };
