@@ -272,6 +272,17 @@ pub trait Client: Send + Sync + 'static {
     /// ```
     async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error>;
 
+    /// Deletes each of `keys` that is still attached to `lease`, in as few requests as etcd
+    /// allows (transactions of at most 64 conditional deletes).
+    ///
+    /// ```no_run
+    /// # use sd_etcd::Client;
+    /// # async fn f(c: sd_etcd::EtcdClient, lease: i64) -> Result<(), sd_etcd::Error> {
+    /// c.delete_many_if_lease(&["/services/foo/a:1".to_string()], lease).await?;
+    /// # Ok(()) }
+    /// ```
+    async fn delete_many_if_lease(&self, keys: &[String], lease: i64) -> Result<(), Error>;
+
     /// Deletes `key`.
     ///
     /// ```no_run
@@ -338,6 +349,9 @@ impl<C: Client + ?Sized> Client for std::sync::Arc<C> {
     }
     async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error> {
         (**self).delete_if_lease(key, lease).await
+    }
+    async fn delete_many_if_lease(&self, keys: &[String], lease: i64) -> Result<(), Error> {
+        (**self).delete_many_if_lease(keys, lease).await
     }
     async fn delete(&self, key: &str) -> Result<(), Error> {
         (**self).delete(key).await

@@ -1032,6 +1032,31 @@ impl Client for EtcdClient {
         Ok(r)
     }
 
+    async fn delete_many_if_lease(&self, keys: &[String], lease: i64) -> Result<(), Error> {
+        // etcd counts a nested transaction and the delete inside it as two operations.
+        for chunk in keys.chunks(MAX_TXN_OPS / 2) {
+            self.call("delete", |mut c| async move {
+                // One nested transaction per key: each compares its own key's lease.
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|k| {
+                        TxnOp::txn(
+                            Txn::new()
+                                .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                                .and_then([TxnOp::delete(k.as_str(), None)]),
+                        )
+                    })
+                    .collect();
+                c.txn(Txn::new().and_then(ops))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("delete", e, None))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn delete(&self, key: &str) -> Result<(), Error> {
         self.call("delete", |mut c| async move {
             c.delete(key, None)

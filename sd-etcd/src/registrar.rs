@@ -326,6 +326,10 @@ struct PoolState {
     entries: HashMap<String, Arc<Entry>>,
     /// Keys waiting to be put, with whoever waits for the answer.
     pending: Vec<Waiter>,
+    /// Keys waiting to be deleted, with whoever waits for the answer.
+    removing: Vec<Waiter>,
+    /// Batches taken from `pending` or `removing` and not answered yet.
+    in_flight: usize,
     task: Option<JoinHandle<()>>,
 }
 
@@ -403,10 +407,10 @@ impl<C: Client + Clone> Pool<C> {
         }
     }
 
-    /// Deletes `entry`'s key (if it still carries our lease) and forgets it; revokes the lease
-    /// once no key is left on it.
-    async fn remove(&self, entry: &Arc<Entry>) -> Result<(), Error> {
-        let lease = {
+    /// Deletes `entry`'s key (if it still carries our lease, together with whatever else is
+    /// being removed) and forgets it; revokes the lease once no key is left on it.
+    async fn remove(self: &Arc<Self>, entry: &Arc<Entry>) -> Result<(), Error> {
+        let rx = {
             let mut st = lock(&self.state);
             st.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
             if !st
@@ -417,23 +421,18 @@ impl<C: Client + Clone> Pool<C> {
                 return Ok(());
             }
             st.entries.remove(&entry.key);
-            st.lease
-        };
-        if let Some(lease) = lease {
-            match self.client.delete_if_lease(&entry.key, lease).await {
-                Ok(false) => {
-                    tracing::debug!(key = %entry.key, "key no longer on our lease: left alone");
-                }
-                Ok(true) => {}
-                Err(e) => {
-                    // Nothing changed in etcd: the registration stays, kept alive, and the
-                    // caller may try again.
-                    lock(&self.state)
-                        .entries
-                        .insert(entry.key.clone(), entry.clone());
-                    return Err(e);
-                }
+            if st.lease.is_none() {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                st.removing.push((entry.clone(), tx));
+                self.ensure_task(&mut st);
+                Some(rx)
             }
+        };
+        if let Some(rx) = rx {
+            self.wake.notify_one();
+            rx.await.unwrap_or(Err(Error::Stopped))?;
         }
         self.release_if_idle().await;
         Ok(())
@@ -444,7 +443,11 @@ impl<C: Client + Clone> Pool<C> {
         let _op = self.lease_op.lock().await;
         let lease = {
             let mut st = lock(&self.state);
-            if !st.entries.is_empty() || !st.pending.is_empty() {
+            if !st.entries.is_empty()
+                || !st.pending.is_empty()
+                || !st.removing.is_empty()
+                || st.in_flight > 0
+            {
                 return;
             }
             if let Some(task) = st.task.take() {
@@ -502,15 +505,45 @@ impl<C: Client + Clone> Pool<C> {
         }
     }
 
-    /// Puts every waiting key; answers each waiter.
-    async fn flush(&self) {
+    /// Deletes every key waiting to go; answers each waiter. A failure puts the keys back
+    /// among the registered ones (nothing changed in etcd: they stay kept alive).
+    async fn flush_removals(&self) {
         let (batch, lease) = {
             let mut st = lock(&self.state);
+            if st.removing.is_empty() {
+                return;
+            }
+            st.in_flight += 1;
+            (std::mem::take(&mut st.removing), st.lease)
+        };
+        let result = match lease {
+            Some(lease) => {
+                let keys: Vec<String> = batch.iter().map(|(e, _)| e.key.clone()).collect();
+                self.client.delete_many_if_lease(&keys, lease).await
+            }
+            None => Ok(()),
+        };
+        let mut st = lock(&self.state);
+        st.in_flight -= 1;
+        for (entry, tx) in batch {
+            if result.is_err() {
+                st.entries.entry(entry.key.clone()).or_insert(entry);
+            }
+            let _ = tx.send(result.clone());
+        }
+    }
+
+    /// Puts every waiting key; answers each waiter.
+    async fn flush(&self) {
+        self.flush_removals().await;
+        let (batch, lease) = {
+            let mut st = lock(&self.state);
+            if st.pending.is_empty() {
+                return;
+            }
+            st.in_flight += 1;
             (std::mem::take(&mut st.pending), st.lease)
         };
-        if batch.is_empty() {
-            return;
-        }
         let result = match lease {
             Some(lease) => {
                 let entries: Vec<(String, String)> = batch
@@ -522,13 +555,14 @@ impl<C: Client + Clone> Pool<C> {
             None => Err(Error::LeaseNotFound(0)),
         };
         let mut st = lock(&self.state);
+        st.in_flight -= 1;
         for (entry, tx) in batch {
             if result.is_ok() {
                 st.entries.insert(entry.key.clone(), entry);
             }
             let _ = tx.send(result.clone());
         }
-        if result.is_err() && st.entries.is_empty() && st.pending.is_empty() {
+        if result.is_err() && st.entries.is_empty() && st.pending.is_empty() && st.in_flight == 0 {
             // Nobody holds anything on this lease: start afresh next time.
             if let Some(lease) = st.lease.take() {
                 let client = self.client.clone();
@@ -874,9 +908,9 @@ mod tests {
             .returning(|lease, _| Ok(lease != 1));
         mock.expect_lease_keys()
             .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
-        mock.expect_delete_if_lease()
+        mock.expect_delete_many_if_lease()
             .withf(|_, l| *l == 2)
-            .returning(|_, _| Ok(true));
+            .returning(|_, _| Ok(()));
         mock.expect_revoke()
             .withf(|l| *l == 2)
             .returning(|_| Ok(()));
@@ -907,7 +941,7 @@ mod tests {
         });
         mock.expect_lease_keys()
             .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
-        mock.expect_delete_if_lease().returning(|_, _| Ok(true));
+        mock.expect_delete_many_if_lease().returning(|_, _| Ok(()));
         mock.expect_revoke().returning(|_| Ok(()));
         let r = EtcdRegistrar::new(Arc::new(mock), svc(true));
         r.register().await.unwrap();
@@ -929,7 +963,7 @@ mod tests {
         let mut mock = mock();
         mock.expect_grant().returning(|ttl| Ok((9, ttl)));
         mock.expect_put_many().returning(|_, _| Ok(()));
-        mock.expect_delete_if_lease().returning(|_, _| Ok(false));
+        mock.expect_delete_many_if_lease().returning(|_, _| Ok(()));
         mock.expect_delete().never();
         mock.expect_revoke()
             .withf(|l| *l == 9)
@@ -957,11 +991,11 @@ mod tests {
             .returning(|_| Ok(Some(vec![b"/svc/a:1".to_vec()])));
         let deletes = Arc::new(AtomicUsize::new(0));
         let d = deletes.clone();
-        mock.expect_delete_if_lease().returning(move |_, _| {
+        mock.expect_delete_many_if_lease().returning(move |_, _| {
             if d.fetch_add(1, Ordering::SeqCst) == 0 {
                 Err(Error::Watch("unavailable".into()))
             } else {
-                Ok(true)
+                Ok(())
             }
         });
         mock.expect_revoke().times(1).returning(|_| Ok(()));
