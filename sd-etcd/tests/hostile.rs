@@ -46,6 +46,15 @@ async fn until_value(client: &EtcdClient, key: &str, value: &str, limit: Duratio
     }
 }
 
+/// Waits until `registrar` reports `Registered`.
+async fn until_registered(registrar: &EtcdRegistrar, limit: Duration) {
+    let start = Instant::now();
+    while !registrar.state().is_registered() {
+        assert!(start.elapsed() < limit, "{:?}", registrar.state());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Raises the store's revision, so a store that starts again is clearly behind.
 async fn churn(client: &EtcdClient, n: usize) {
     for i in 0..n {
@@ -109,7 +118,7 @@ async fn a_wiped_store_is_followed_not_mixed_with_the_old_one() {
             );
         }
     }
-    assert!(registrar.state().is_registered(), "{:?}", registrar.state());
+    until_registered(&registrar, RECOVERY).await;
 
     // And it keeps following the new store.
     other.delete(&format!("{prefix}new")).await.unwrap();
@@ -338,11 +347,7 @@ async fn own_key_is_guarded_but_another_registrars_is_respected() {
     );
     rival.deregister().await.unwrap();
     until_value(&other, key, "127.0.0.1:5000", TIMEOUT).await;
-    let start = Instant::now();
-    while !registrar.state().is_registered() {
-        assert!(start.elapsed() < TIMEOUT, "{:?}", registrar.state());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_registered(&registrar, TIMEOUT).await;
     registrar.deregister().await.unwrap();
     assert_eq!(value_of(&other, key).await, None);
 }
@@ -413,11 +418,7 @@ async fn auth_tokens_renewed_after_a_restart_and_when_they_expire() {
         .await
         .expect("the restarted etcd's refusal of the old token is renewed once");
     // The keep-alive stream died with the old process: re-opened at the next heartbeat.
-    let start = Instant::now();
-    while !registrar.state().is_registered() {
-        assert!(start.elapsed() < RECOVERY, "{:?}", registrar.state());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_registered(&registrar, RECOVERY).await;
     assert!(value_of(&client, &key).await.is_some());
     registrar.deregister().await.unwrap();
 }
