@@ -262,16 +262,6 @@ pub trait Client: Send + Sync + 'static {
     async fn put_many(&self, entries: &[(String, String)], lease: Option<i64>)
         -> Result<(), Error>;
 
-    /// Deletes `key` only if it is still attached to `lease`; returns whether it was deleted.
-    ///
-    /// ```no_run
-    /// # use sd_etcd::Client;
-    /// # async fn f(c: sd_etcd::EtcdClient, lease: i64) -> Result<(), sd_etcd::Error> {
-    /// let deleted = c.delete_if_lease("/services/foo/a:1", lease).await?;
-    /// # Ok(()) }
-    /// ```
-    async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error>;
-
     /// Deletes each of `keys` that is still attached to `lease`, in as few requests as etcd
     /// allows (transactions of at most 64 conditional deletes).
     ///
@@ -346,9 +336,6 @@ impl<C: Client + ?Sized> Client for std::sync::Arc<C> {
         lease: Option<i64>,
     ) -> Result<(), Error> {
         (**self).put_many(entries, lease).await
-    }
-    async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error> {
-        (**self).delete_if_lease(key, lease).await
     }
     async fn delete_many_if_lease(&self, keys: &[String], lease: i64) -> Result<(), Error> {
         (**self).delete_many_if_lease(keys, lease).await

@@ -749,6 +749,27 @@ impl EtcdClient {
         Ok(r)
     }
 
+    /// Runs `ops` in order, `per_txn` to a transaction (each retried as [`call`](Self::call)
+    /// does). `lease` names the lease the operations use, for a "lease not found" answer.
+    async fn txns(
+        &self,
+        op: &'static str,
+        ops: &[TxnOp],
+        per_txn: usize,
+        lease: Option<i64>,
+    ) -> Result<(), Error> {
+        for chunk in ops.chunks(per_txn) {
+            self.call(op, |mut c| async move {
+                c.txn(Txn::new().and_then(chunk.to_vec()))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(op, e, lease))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn read_prefix_once(&self, prefix: &str) -> Result<(Vec<KeyValue>, Header), Error> {
         let end = prefix_end(prefix.as_bytes());
         let mut start = prefix.as_bytes().to_vec();
@@ -998,63 +1019,27 @@ impl Client for EtcdClient {
         for (k, v) in entries {
             latest.insert(k, v);
         }
-        let unique: Vec<(&str, &str)> = latest.into_iter().collect();
-        for chunk in unique.chunks(MAX_TXN_OPS) {
-            self.call("put", |mut c| async move {
-                let ops: Vec<TxnOp> = chunk
-                    .iter()
-                    .map(|(k, v)| {
-                        TxnOp::put(*k, *v, lease.map(|l| PutOptions::new().with_lease(l)))
-                    })
-                    .collect();
-                c.txn(Txn::new().and_then(ops))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify("put", e, lease))
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<bool, Error> {
-        let (r, _) = self
-            .call("delete", |mut c| async move {
-                let txn = Txn::new()
-                    .when([Compare::lease(key, CompareOp::Equal, lease)])
-                    .and_then([TxnOp::delete(key, None)]);
-                c.txn(txn)
-                    .await
-                    .map(|r| r.succeeded())
-                    .map_err(|e| classify("delete", e, None))
-            })
-            .await?;
-        Ok(r)
+        let ops: Vec<TxnOp> = latest
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, lease.map(|l| PutOptions::new().with_lease(l))))
+            .collect();
+        self.txns("put", &ops, MAX_TXN_OPS, lease).await
     }
 
     async fn delete_many_if_lease(&self, keys: &[String], lease: i64) -> Result<(), Error> {
-        // etcd counts a nested transaction and the delete inside it as two operations.
-        for chunk in keys.chunks(MAX_TXN_OPS / 2) {
-            self.call("delete", |mut c| async move {
-                // One nested transaction per key: each compares its own key's lease.
-                let ops: Vec<TxnOp> = chunk
-                    .iter()
-                    .map(|k| {
-                        TxnOp::txn(
-                            Txn::new()
-                                .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
-                                .and_then([TxnOp::delete(k.as_str(), None)]),
-                        )
-                    })
-                    .collect();
-                c.txn(Txn::new().and_then(ops))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify("delete", e, None))
+        // One nested transaction per key: each compares its own key's lease.
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| {
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                        .and_then([TxnOp::delete(k.as_str(), None)]),
+                )
             })
-            .await?;
-        }
-        Ok(())
+            .collect();
+        // etcd counts a nested transaction and the delete inside it as two operations.
+        self.txns("delete", &ops, MAX_TXN_OPS / 2, None).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), Error> {

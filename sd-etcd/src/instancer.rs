@@ -220,8 +220,8 @@ struct Watcher<C> {
     state: State,
     /// The revision the state is complete at.
     rev: i64,
-    /// The store the state was read from: its cluster id, and the highest raft term and
-    /// revision it answered with.
+    /// The store the state was read from: its cluster id, and the highest raft term it
+    /// answered with.
     store: Header,
     publisher: Arc<Publisher>,
     /// Whether the last thing published was an error.
@@ -284,7 +284,6 @@ impl<C: Client> Watcher<C> {
             self.store.cluster_id = h.cluster_id;
         }
         self.store.raft_term = self.store.raft_term.max(h.raft_term);
-        self.store.revision = self.store.revision.max(h.revision);
     }
 
     /// Applies one watch response. Events at or below the known revision were already applied

@@ -232,15 +232,7 @@ impl<C: Client + Clone> EtcdRegistrar<C> {
     pub fn lease(&self) -> Option<i64> {
         let pool = self.pool.as_ref()?;
         let st = lock(&pool.state);
-        if st
-            .entries
-            .get(&self.entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
-        {
-            st.lease
-        } else {
-            None
-        }
+        st.holds(&self.entry).then_some(st.lease).flatten()
     }
 
     /// Stops keeping the key alive without deleting it, as a crashed process would: the key
@@ -333,6 +325,33 @@ struct PoolState {
     task: Option<JoinHandle<()>>,
 }
 
+impl PoolState {
+    /// Whether `entry` is the registration this pool keeps for its key.
+    fn holds(&self, entry: &Arc<Entry>) -> bool {
+        self.entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+    }
+
+    /// Forgets `entry` (waiting or registered); returns whether it was registered.
+    fn forget(&mut self, entry: &Arc<Entry>) -> bool {
+        self.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
+        let held = self.holds(entry);
+        if held {
+            self.entries.remove(&entry.key);
+        }
+        held
+    }
+
+    /// Whether nothing is registered, waiting or being written.
+    fn idle(&self) -> bool {
+        self.entries.is_empty()
+            && self.pending.is_empty()
+            && self.removing.is_empty()
+            && self.in_flight == 0
+    }
+}
+
 impl<C> Drop for Pool<C> {
     fn drop(&mut self) {
         if let Some(task) = lock(&self.state).task.take() {
@@ -361,10 +380,7 @@ impl<C: Client + Clone> Pool<C> {
     }
 
     fn holds(&self, entry: &Arc<Entry>) -> bool {
-        lock(&self.state)
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        lock(&self.state).holds(entry)
     }
 
     /// The pool's lease, granted if it has none.
@@ -412,15 +428,9 @@ impl<C: Client + Clone> Pool<C> {
     async fn remove(self: &Arc<Self>, entry: &Arc<Entry>) -> Result<(), Error> {
         let rx = {
             let mut st = lock(&self.state);
-            st.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
-            if !st
-                .entries
-                .get(&entry.key)
-                .is_some_and(|e| Arc::ptr_eq(e, entry))
-            {
+            if !st.forget(entry) {
                 return Ok(());
             }
-            st.entries.remove(&entry.key);
             if st.lease.is_none() {
                 None
             } else {
@@ -434,26 +444,23 @@ impl<C: Client + Clone> Pool<C> {
             self.wake.notify_one();
             rx.await.unwrap_or(Err(Error::Stopped))?;
         }
-        self.release_if_idle().await;
+        self.release_if_idle(true).await;
         Ok(())
     }
 
-    /// Revokes the lease and stops the task when no key is left on it.
-    async fn release_if_idle(&self) {
+    /// Stops the task when no key is left on the lease, and revokes the lease if `revoke` (else
+    /// it expires at its TTL).
+    async fn release_if_idle(&self, revoke: bool) {
         let _op = self.lease_op.lock().await;
         let lease = {
             let mut st = lock(&self.state);
-            if !st.entries.is_empty()
-                || !st.pending.is_empty()
-                || !st.removing.is_empty()
-                || st.in_flight > 0
-            {
+            if !st.idle() {
                 return;
             }
             if let Some(task) = st.task.take() {
                 task.abort();
             }
-            st.lease.take()
+            st.lease.take().filter(|_| revoke)
         };
         if let Some(lease) = lease {
             // The keys are gone; a lease that outlives them holds nothing and expires at its TTL.
@@ -466,37 +473,24 @@ impl<C: Client + Clone> Pool<C> {
     /// Forgets `entry` without deleting its key, and moves the key to a lease nobody refreshes,
     /// so it expires at its TTL.
     async fn orphan(&self, entry: &Arc<Entry>) {
-        let held = {
-            let mut st = lock(&self.state);
-            st.pending.retain(|(e, _)| !Arc::ptr_eq(e, entry));
-            if st
-                .entries
-                .get(&entry.key)
-                .is_some_and(|e| Arc::ptr_eq(e, entry))
-            {
-                st.entries.remove(&entry.key);
-                st.lease
-            } else {
-                None
-            }
-        };
-        let Some(_lease) = held else { return };
+        if !self.holds(entry) {
+            lock(&self.state).forget(entry);
+            return;
+        }
+        // Moved while still registered here, so the shared lease is not released (revoking
+        // it) until the key is off it.
         let moved = async {
             let (lease, _) = self.client.grant(self.ttl_secs).await?;
             self.client.put(&entry.key, &entry.value, Some(lease)).await
         };
-        if let Err(e) = moved.await {
+        let moved = moved.await;
+        if let Err(e) = &moved {
             tracing::warn!(key = %entry.key, error = %e, "could not leave the key to expire");
         }
-        let _op = self.lease_op.lock().await;
-        let mut st = lock(&self.state);
-        if st.entries.is_empty() && st.pending.is_empty() {
-            // Nothing else on the lease: stop refreshing it, and let it expire.
-            if let Some(task) = st.task.take() {
-                task.abort();
-            }
-            st.lease = None;
-        }
+        lock(&self.state).forget(entry);
+        // With nothing else on the shared lease, stop refreshing it. It holds no key once ours
+        // moved, so it is revoked; if the move failed, it holds ours and must expire instead.
+        self.release_if_idle(moved.is_ok()).await;
     }
 
     fn set_all(&self, state: &RegistrationState) {
@@ -505,16 +499,32 @@ impl<C: Client + Clone> Pool<C> {
         }
     }
 
+    /// Takes the waiters of one queue as a batch in flight, with the lease to write on.
+    fn take_batch(
+        &self,
+        queue: fn(&mut PoolState) -> &mut Vec<Waiter>,
+    ) -> Option<(Vec<Waiter>, Option<i64>)> {
+        let mut st = lock(&self.state);
+        let batch = std::mem::take(queue(&mut st));
+        if batch.is_empty() {
+            return None;
+        }
+        st.in_flight += 1;
+        Some((batch, st.lease))
+    }
+
+    /// Ends a batch taken with [`take_batch`](Self::take_batch).
+    fn finish_batch(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        let mut st = lock(&self.state);
+        st.in_flight -= 1;
+        st
+    }
+
     /// Deletes every key waiting to go; answers each waiter. A failure puts the keys back
     /// among the registered ones (nothing changed in etcd: they stay kept alive).
     async fn flush_removals(&self) {
-        let (batch, lease) = {
-            let mut st = lock(&self.state);
-            if st.removing.is_empty() {
-                return;
-            }
-            st.in_flight += 1;
-            (std::mem::take(&mut st.removing), st.lease)
+        let Some((batch, lease)) = self.take_batch(|st| &mut st.removing) else {
+            return;
         };
         let result = match lease {
             Some(lease) => {
@@ -523,8 +533,7 @@ impl<C: Client + Clone> Pool<C> {
             }
             None => Ok(()),
         };
-        let mut st = lock(&self.state);
-        st.in_flight -= 1;
+        let mut st = self.finish_batch();
         for (entry, tx) in batch {
             if result.is_err() {
                 st.entries.entry(entry.key.clone()).or_insert(entry);
@@ -536,13 +545,8 @@ impl<C: Client + Clone> Pool<C> {
     /// Puts every waiting key; answers each waiter.
     async fn flush(&self) {
         self.flush_removals().await;
-        let (batch, lease) = {
-            let mut st = lock(&self.state);
-            if st.pending.is_empty() {
-                return;
-            }
-            st.in_flight += 1;
-            (std::mem::take(&mut st.pending), st.lease)
+        let Some((batch, lease)) = self.take_batch(|st| &mut st.pending) else {
+            return;
         };
         let result = match lease {
             Some(lease) => {
@@ -554,15 +558,14 @@ impl<C: Client + Clone> Pool<C> {
             }
             None => Err(Error::LeaseNotFound(0)),
         };
-        let mut st = lock(&self.state);
-        st.in_flight -= 1;
+        let mut st = self.finish_batch();
         for (entry, tx) in batch {
             if result.is_ok() {
                 st.entries.insert(entry.key.clone(), entry);
             }
             let _ = tx.send(result.clone());
         }
-        if result.is_err() && st.entries.is_empty() && st.pending.is_empty() && st.in_flight == 0 {
+        if result.is_err() && st.idle() {
             // Nobody holds anything on this lease: start afresh next time.
             if let Some(lease) = st.lease.take() {
                 let client = self.client.clone();
