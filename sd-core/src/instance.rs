@@ -19,8 +19,23 @@ use std::sync::Arc;
 /// assert_eq!(a.as_str(), "10.0.0.7:8080");
 /// assert_eq!(&*a, "10.0.0.7:8080");
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Instance(Arc<str>);
+
+/// Hashes the string, as `PartialEq` compares it.
+impl std::hash::Hash for Instance {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+/// Equal strings; two clones of one instance compare without reading the strings (the sets
+/// publishers and endpointers compare share most of their instances).
+impl PartialEq for Instance {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
 
 impl Instance {
     /// Makes an instance from any string.

@@ -280,6 +280,22 @@ impl<E: Clone> Shared<E> {
     }
 }
 
+/// The items of `from` that `other` lacks. Both are sorted: one merge walk, no lookups.
+fn missing<'a>(
+    from: impl Iterator<Item = &'a Instance>,
+    other: impl Iterator<Item = &'a Instance>,
+) -> Vec<Instance> {
+    let mut other = other.peekable();
+    let mut out = Vec::new();
+    for item in from {
+        while other.next_if(|o| *o < item).is_some() {}
+        if other.next_if(|o| *o == item).is_none() {
+            out.push(item.clone());
+        }
+    }
+    out
+}
+
 struct Follower<E, F> {
     shared: Arc<Shared<E>>,
     factory: F,
@@ -346,10 +362,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
             if cache.closed {
                 return;
             }
-            set.iter()
-                .filter(|i| !cache.entries.contains_key(*i))
-                .cloned()
-                .collect()
+            missing(set.iter(), cache.entries.keys())
         };
         let made: Vec<(Instance, Entry<E>)> = new
             .into_iter()
@@ -371,13 +384,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
             drop(made);
             return;
         }
-        // Instances sets are sorted (see `Event`), so membership is a binary search.
-        let gone: Vec<Instance> = cache
-            .entries
-            .keys()
-            .filter(|k| set.binary_search(k).is_err())
-            .cloned()
-            .collect();
+        let gone = missing(cache.entries.keys(), set.iter());
         let mut removed = Vec::with_capacity(gone.len());
         for k in gone {
             removed.extend(cache.entries.remove(&k));
@@ -390,5 +397,25 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         drop(cache);
         // Closers may block or take locks of their own: run them outside ours.
         drop(removed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> Vec<Instance> {
+        items.iter().map(Instance::new).collect()
+    }
+
+    #[test]
+    fn missing_is_a_sorted_difference() {
+        let a = set(&["a", "b", "d", "f"]);
+        let b = set(&["b", "c", "d", "e"]);
+        assert_eq!(missing(a.iter(), b.iter()), set(&["a", "f"]));
+        assert_eq!(missing(b.iter(), a.iter()), set(&["c", "e"]));
+        assert_eq!(missing(a.iter(), [].iter()), a);
+        assert!(missing([].iter(), a.iter()).is_empty());
+        assert!(missing(a.iter(), a.iter()).is_empty());
     }
 }
