@@ -1,7 +1,7 @@
 //! Any [`Instancer`] as a [`tower::discover::Discover`] (feature `tower`), so tower's balancers
 //! (and everything built on them) can use any sd backend.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use tower::discover::Change;
 
 use crate::factory::{make_or_skip, CloseGuard};
-use crate::{Error, Event, EventStream, Factory, Instance, Instancer};
+use crate::{Error, Event, EventStream, Factory, Instance, InstanceSet, Instancer};
 
 /// A stream of [`Change`]s, keyed by instance, made from an instancer's events and a factory:
 /// a `tower::discover::Discover`.
@@ -47,6 +47,10 @@ pub struct Discovery<S, F> {
     events: EventStream,
     factory: F,
     current: BTreeMap<Instance, CloseGuard>,
+    /// The last event's set, to diff the next one against.
+    last: InstanceSet,
+    /// Instances of `last` the factory failed for: tried again on each event.
+    failed: BTreeSet<Instance>,
     pending: VecDeque<Change<Instance, S>>,
 }
 
@@ -79,6 +83,8 @@ where
         events: instancer.subscribe(),
         factory,
         current: BTreeMap::new(),
+        last: InstanceSet::new(),
+        failed: BTreeSet::new(),
         pending: VecDeque::new(),
     }
 }
@@ -96,29 +102,35 @@ impl<S, F> fmt::Debug for Discovery<S, F> {
 }
 
 impl<S, F: Factory<S>> Discovery<S, F> {
-    fn apply(&mut self, set: &[Instance]) {
-        let gone: Vec<Instance> = self
-            .current
-            .keys()
-            .filter(|k| set.binary_search(k).is_err())
-            .cloned()
-            .collect();
-        for instance in gone {
-            // Dropping the guard runs the instance's closer.
-            self.current.remove(&instance);
-            self.pending.push_back(Change::Remove(instance));
-        }
-        for instance in set {
-            if self.current.contains_key(instance) {
-                continue;
-            }
-            if let Some((service, closer)) = make_or_skip(&self.factory, instance) {
-                self.current
-                    .insert(instance.clone(), CloseGuard::new(closer));
-                self.pending
-                    .push_back(Change::Insert(instance.clone(), service));
+    /// Queues what changed since the last event: O(changes) for sets derived from each other.
+    fn apply(&mut self, set: InstanceSet) {
+        let mut added = Vec::new();
+        for change in self.last.changes(&set) {
+            match change {
+                crate::Change::Added(instance) => added.push(instance.clone()),
+                crate::Change::Removed(instance) => {
+                    self.failed.remove(instance);
+                    // Dropping the guard runs the instance's closer.
+                    if self.current.remove(instance).is_some() {
+                        self.pending.push_back(Change::Remove(instance.clone()));
+                    }
+                }
             }
         }
+        added.extend(std::mem::take(&mut self.failed));
+        for instance in added {
+            match make_or_skip(&self.factory, &instance) {
+                Some((service, closer)) => {
+                    self.current
+                        .insert(instance.clone(), CloseGuard::new(closer));
+                    self.pending.push_back(Change::Insert(instance, service));
+                }
+                None => {
+                    self.failed.insert(instance);
+                }
+            }
+        }
+        self.last = set;
     }
 }
 
@@ -135,9 +147,7 @@ where
                 return Poll::Ready(Some(Ok(change)));
             }
             match this.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(Event::Instances(set))) => {
-                    this.apply(&crate::event::normalized(set))
-                }
+                Poll::Ready(Some(Event::Instances(set))) => this.apply(set),
                 Poll::Ready(Some(Event::Error(err))) => {
                     tracing::warn!(error = %err, "discovery error: keeping the current services");
                 }
@@ -231,11 +241,8 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(d.next().await, Some(Ok(Change::Insert(..)))));
         }
-        let raw: Vec<Instance> = ["c", "b", "a", "a"]
-            .into_iter()
-            .map(Instance::new)
-            .collect();
-        inst.publish(Event::Instances(raw.into()));
+        let raw: InstanceSet = ["c", "b", "a", "a"].into_iter().collect();
+        inst.publish(Event::Instances(raw));
         let change = d.next().now_or_never();
         assert!(
             change.is_none(),

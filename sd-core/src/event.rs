@@ -1,11 +1,10 @@
 //! What an instancer tells its subscribers.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::Stream;
 
-use crate::{Error, Instance};
+use crate::{Error, Instance, InstanceSet};
 
 /// A stream of [`Event`]s, as returned by [`Instancer::subscribe`](crate::Instancer::subscribe).
 ///
@@ -22,19 +21,28 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Event> + Send + 'static>>;
 
 /// The state of a watched prefix: the full, sorted, deduplicated set of instances, or an error.
 ///
-/// A subscriber never merges deltas: every `Instances` event is the whole truth at some point in
-/// time. Cheap to clone (both arms are `Arc`-backed).
+/// A subscriber never has to merge deltas: every `Instances` event is the whole truth at some
+/// point in time. Cheap to clone (both arms are `Arc`-backed). The set is an [`InstanceSet`], which
+/// an instancer edits in place per store change, so a subscriber that kept the previous event's set
+/// finds what changed with [`InstanceSet::changes`] at a cost that grows with the changes, not
+/// with the size of the set.
 ///
 /// ```
-/// use sd_core::{Event, Instance};
+/// use sd_core::{Change, Event};
 ///
-/// let ev = Event::from_instances(["b:1", "a:1", "b:1", ""]);
-/// assert_eq!(ev.instances().unwrap(), &[Instance::new("a:1"), Instance::new("b:1")]);
+/// let first = Event::from_instances(["b:1", "a:1", "b:1", ""]);
+/// assert_eq!(first.instances().unwrap(), &["a:1", "b:1"]);
+///
+/// let mut set = first.instances().unwrap().clone();
+/// set.insert("c:1");
+/// let second = Event::Instances(set);
+/// let added: Vec<Change> = first.instances().unwrap().changes(second.instances().unwrap()).collect();
+/// assert_eq!(added, [Change::Added(&"c:1".into())]);
 /// ```
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The current set of instances (sorted, without duplicates or empty strings).
-    Instances(Arc<[Instance]>),
+    Instances(InstanceSet),
     /// The store could not be read or watched; the set is unknown until the next `Instances`.
     Error(Error),
 }
@@ -51,23 +59,16 @@ impl Event {
         I: IntoIterator<Item = S>,
         S: Into<Instance>,
     {
-        let mut v: Vec<Instance> = instances
-            .into_iter()
-            .map(Into::into)
-            .filter(|i| !i.is_empty())
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        Event::Instances(v.into())
+        Event::Instances(instances.into_iter().collect())
     }
 
     /// An `Instances` event with no instance.
     ///
     /// ```
-    /// assert_eq!(sd_core::Event::empty().instances(), Some(&[][..]));
+    /// assert!(sd_core::Event::empty().instances().unwrap().is_empty());
     /// ```
     pub fn empty() -> Self {
-        Event::Instances(Arc::from(Vec::new()))
+        Event::Instances(InstanceSet::new())
     }
 
     /// The instances, or `None` for an error event.
@@ -78,7 +79,7 @@ impl Event {
     /// assert_eq!(Event::from_instances(["a:1"]).instances().unwrap().len(), 1);
     /// assert!(Event::from(Error::backend_msg("down")).instances().is_none());
     /// ```
-    pub fn instances(&self) -> Option<&[Instance]> {
+    pub fn instances(&self) -> Option<&InstanceSet> {
         match self {
             Event::Instances(i) => Some(i),
             Event::Error(_) => None,
@@ -100,20 +101,6 @@ impl Event {
             Event::Instances(_) => None,
         }
     }
-}
-
-/// `set` sorted, without duplicates or empty strings, as [`Event::from_instances`] builds it.
-/// `Event::Instances` is a public variant, so a set may arrive built by hand; consumers that
-/// binary-search or diff it normalize it first (a copy only when it needs one).
-pub(crate) fn normalized(set: Arc<[Instance]>) -> Arc<[Instance]> {
-    let clean = set.windows(2).all(|w| w[0] < w[1]) && set.iter().all(|i| !i.is_empty());
-    if clean {
-        return set;
-    }
-    let mut v: Vec<Instance> = set.iter().filter(|i| !i.is_empty()).cloned().collect();
-    v.sort_unstable();
-    v.dedup();
-    v.into()
 }
 
 impl From<Error> for Event {

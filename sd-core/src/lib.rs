@@ -32,7 +32,7 @@
 //!     EndpointerOptions::new(),
 //! )
 //! .await;
-//! assert_eq!(&*endpointer.endpoints().unwrap(), &["127.0.0.1:8080"]);
+//! assert_eq!(endpointer.endpoints().unwrap(), ["127.0.0.1:8080"]);
 //! # }
 //! ```
 
@@ -44,6 +44,7 @@ mod error;
 mod event;
 mod factory;
 mod instance;
+pub mod instance_set;
 mod instancer;
 mod registrar;
 
@@ -56,10 +57,13 @@ mod discover;
 pub use discover::{discover, Discovery};
 
 pub use balancer::Balancer;
-pub use endpointer::{DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Snapshot};
+pub use endpointer::{
+    slots, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Slots, Snapshot,
+};
 pub use error::{BackendError, Error};
 pub use event::{Event, EventStream};
 pub use factory::{Closer, Factory};
 pub use instance::Instance;
+pub use instance_set::{Change, InstanceSet};
 pub use instancer::{Instancer, Publisher};
 pub use registrar::{Registrar, RegistrationState, Service, TtlOption, MIN_HEARTBEAT};

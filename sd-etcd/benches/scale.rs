@@ -139,10 +139,7 @@ fn watcher(endpoint: String, mode: Mode) -> (mpsc::Sender<Ask>, mpsc::Receiver<(
                             let want = Instance::new(value);
                             loop {
                                 let ev = events.next().await.expect("instancer running");
-                                if ev
-                                    .instances()
-                                    .is_some_and(|s| s.binary_search(&want).is_ok())
-                                {
+                                if ev.instances().is_some_and(|s| s.contains(&want)) {
                                     break;
                                 }
                             }

@@ -1,12 +1,12 @@
 //! [`EtcdInstancer`]: a prefix of etcd, followed by a watch, told to subscribers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use sd_core::{Event, EventStream, Instance, Publisher};
+use sd_core::{Event, EventStream, Instance, InstanceSet, Publisher};
 use tokio::task::JoinHandle;
 
 use crate::{Client, Error, Header, KeyValue, WatchBatch, WatchEvent};
@@ -135,11 +135,14 @@ const MAX_BATCHES_PER_PUBLISH: usize = 256;
 ///
 /// Keyed by the raw key bytes (a delete names only the key; two keys that differ in bytes that
 /// are not UTF-8 stay two keys). The instance set is every distinct non-empty value, counted, so
-/// a change touches one entry and the set is rebuilt only when it really changed.
+/// a change touches one entry, and the published [`InstanceSet`] is edited in place (O(log N))
+/// only when a value appears or goes: publishing it is a clone, and subscribers diff it against
+/// the previous one in time proportional to the change.
 #[derive(Default)]
 struct State {
     keys: HashMap<Vec<u8>, Instance>,
-    counts: BTreeMap<Instance, usize>,
+    counts: HashMap<Instance, usize>,
+    set: InstanceSet,
     /// Whether the distinct set changed since the last [`event`](Self::event).
     dirty: bool,
 }
@@ -174,9 +177,12 @@ impl State {
                     }
                     self.release(&old);
                 }
-                let n = self.counts.entry(i).or_insert(0);
+                let n = self.counts.entry(i.clone()).or_insert(0);
                 *n += 1;
-                self.dirty |= *n == 1;
+                if *n == 1 {
+                    self.set.insert(i);
+                    self.dirty = true;
+                }
             }
             None => self.delete(&key),
         }
@@ -193,6 +199,7 @@ impl State {
             *n -= 1;
             if *n == 0 {
                 self.counts.remove(instance);
+                self.set.remove(instance);
                 self.dirty = true;
             }
         }
@@ -201,6 +208,7 @@ impl State {
     fn replace(&mut self, kvs: Vec<KeyValue>, prefix: &str) {
         self.keys.clear();
         self.counts.clear();
+        self.set = InstanceSet::new();
         for kv in kvs {
             self.put(kv.key, &kv.value, prefix);
         }
@@ -209,8 +217,7 @@ impl State {
 
     fn event(&mut self) -> Event {
         self.dirty = false;
-        // `counts` is sorted and distinct: the set needs no normalising.
-        Event::Instances(self.counts.keys().cloned().collect())
+        Event::Instances(self.set.clone())
     }
 }
 

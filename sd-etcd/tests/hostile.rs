@@ -239,7 +239,7 @@ async fn a_prefix_of_100_mib_starts_and_follows_changes() {
     eprintln!("instancer read {n} keys in {:?}", start.elapsed());
     let mut events = instancer.subscribe();
     let first = events.next().await.expect("a first event");
-    assert_eq!(first.instances().map(<[_]>::len), Some(n));
+    assert_eq!(first.instances().map(sd_core::InstanceSet::len), Some(n));
     client
         .put(&format!("{prefix}zz-new"), "127.0.0.1:3000", None)
         .await

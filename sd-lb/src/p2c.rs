@@ -29,10 +29,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
 
 use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
@@ -48,7 +47,9 @@ use crate::thread_cache::ThreadCache;
 /// and random generator, as in [`Random`](crate::Random)); it writes only the chosen endpoint's
 /// load (one atomic add, and one atomic sub when the guard drops), the one thing a load-aware
 /// balancer has to share between threads. When the set changes, the first pick of each thread
-/// takes a lock to map the new set to its counters.
+/// takes a lock to map the new set to its counters: in time proportional to the change when the
+/// endpointer records which slots changed (as [`DefaultEndpointer`](sd_core::DefaultEndpointer)
+/// does) and the balancer mapped the snapshot before, otherwise once over the whole set.
 ///
 /// ```
 /// use sd_core::{Balancer, FixedEndpointer};
@@ -68,52 +69,31 @@ pub struct P2c<E: Send + Sync, P> {
 }
 
 /// The load of one endpoint. Its requests in flight are the strong references its guards
-/// hold: the `Arc`'s strong count less the references held by counter tables (`tables`). So a
-/// pick costs one atomic add (cloning the `Arc` into its guard) and the guard's drop one
-/// atomic sub, both on the one cache line the endpoint's load lives on.
+/// hold: exactly one other reference exists while the endpoint is in a counter table, its
+/// [`Counter`]'s. So a pick costs one atomic add (cloning the `Arc` into its guard) and the
+/// guard's drop one atomic sub, both on the one cache line the endpoint's load lives on.
 struct Load {
-    /// How many counter tables hold this load.
-    tables: AtomicUsize,
     /// Pads the `Arc` allocation to a cache line's size, so that the loads of two endpoints
     /// (which different threads update at once) do not share a line.
-    _pad: [usize; 5],
+    _pad: [usize; 6],
 }
 
-impl Load {
-    fn new() -> Arc<Load> {
-        Arc::new(Load {
-            tables: AtomicUsize::new(0),
-            _pad: [0; 5],
-        })
-    }
+/// The one holder of a [`Load`] besides its guards, shared by every counter table (and every
+/// version of one) that lists the endpoint.
+struct Counter {
+    load: Arc<Load>,
 }
 
 /// The number of requests in flight on `load`.
 #[inline]
 fn in_flight(load: &Arc<Load>) -> usize {
-    // Relaxed, and the two reads are not one snapshot: while a table is built or dropped the
-    // result may be off by one for a moment. It only steers a heuristic.
-    Arc::strong_count(load).saturating_sub(load.tables.load(Ordering::Relaxed))
+    // The counter's reference is not a request. Relaxed: it only steers a heuristic.
+    Arc::strong_count(load).saturating_sub(1)
 }
 
-/// A counter table's reference to a load, which is not a request in flight.
-struct Held(Arc<Load>);
-
-impl Held {
-    fn new(load: Arc<Load>) -> Self {
-        load.tables.fetch_add(1, Ordering::Relaxed);
-        Held(load)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.tables.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The loads of one snapshot's endpoints, in endpoint order.
-type Table = Arc<[Held]>;
+/// The counters of one snapshot's endpoints, in slot order. Persistent, as the snapshot's
+/// slots are: the table of the next snapshot is derived from this one's.
+type Table = Slots<Arc<Counter>>;
 
 /// One thread's generator and the counters of its cached snapshot.
 struct Local {
@@ -125,59 +105,111 @@ struct Local {
 #[derive(Default)]
 struct Registry {
     /// The counter table of the last snapshot mapped, so the threads that move to it next share
-    /// one table.
+    /// one table, and the next snapshot's table is derived from it.
     current: Option<Mapped>,
-    /// Every counter still alive (held by a table or a guard), by instance and by occurrence of
-    /// that instance in its set (a static list may repeat an instance, e.g. the empty one).
-    by_instance: HashMap<(Instance, usize), Weak<Load>>,
+    /// Every counter still alive (held by a table) and every load still alive (held by a
+    /// counter or a guard), by instance and by occurrence of that instance in its set (a static
+    /// list may repeat an instance, e.g. the empty one). An instance that leaves the set and
+    /// comes back while its requests still run gets its old load back.
+    by_instance: HashMap<(Instance, usize), (Weak<Counter>, Weak<Load>)>,
+    /// How many tables were built over a whole set rather than derived from the last one.
+    rebuilds: usize,
 }
 
-/// A snapshot (by version and instance list) and its counter table.
+/// A snapshot (by version and instance slots) and its counter table.
 struct Mapped {
     version: u64,
-    instances: Arc<[Instance]>,
+    instances: Slots<Instance>,
     loads: Table,
 }
 
 impl Registry {
-    /// The counters of `snapshot`'s endpoints, in endpoint order: an instance already known
-    /// keeps its counter, a new one gets a fresh counter.
+    /// The counters of `snapshot`'s endpoints, in slot order: an instance already known keeps
+    /// its counter, a new one gets a fresh counter.
     fn table<E>(&mut self, snapshot: &Snapshot<E>) -> Table {
         if let Some(m) = &self.current {
-            if m.version == snapshot.version() && Arc::ptr_eq(&m.instances, snapshot.instances()) {
+            if m.version == snapshot.version() && m.instances.ptr_eq(snapshot.instances()) {
                 return m.loads.clone();
             }
         }
+        let loads = self
+            .derived(snapshot)
+            .unwrap_or_else(|| self.rebuilt(snapshot));
+        // Forget the counters no table holds any more, once they outnumber the live ones
+        // (so the sweep's cost is shared among the changes that made them).
+        if self.by_instance.len() > 2 * loads.len() + 64 {
+            self.by_instance
+                .retain(|_, (_, load)| load.strong_count() > 0);
+        }
+        self.current = Some(Mapped {
+            version: snapshot.version(),
+            instances: snapshot.instances().clone(),
+            loads: loads.clone(),
+        });
+        loads
+    }
+
+    /// The counter of the `occurrence`th `instance` in a set: the live one, or a new one.
+    fn counter(&mut self, instance: &Instance, occurrence: usize) -> Arc<Counter> {
+        let key = (instance.clone(), occurrence);
+        let known = self.by_instance.get(&key);
+        if let Some(counter) = known.and_then(|(c, _)| c.upgrade()) {
+            return counter;
+        }
+        // No counter holds the load any more, so the new one is again its only holder.
+        let load = known
+            .and_then(|(_, l)| l.upgrade())
+            .unwrap_or_else(|| Arc::new(Load { _pad: [0; 6] }));
+        let counter = Arc::new(Counter { load });
+        self.by_instance.insert(
+            key,
+            (Arc::downgrade(&counter), Arc::downgrade(&counter.load)),
+        );
+        counter
+    }
+
+    /// `snapshot`'s table derived from the last one mapped, when the snapshot records its
+    /// changed slots since that one: O(changes).
+    fn derived<E>(&mut self, snapshot: &Snapshot<E>) -> Option<Table> {
+        let (since, changed) = snapshot.changed_since()?;
+        let mut loads = match &self.current {
+            Some(m) if m.version == since => m.loads.clone(),
+            _ => return None,
+        };
+        let len = snapshot.endpoints().len();
+        while loads.len() > len {
+            loads.pop();
+        }
+        for &slot in changed {
+            let counter = self.counter(snapshot.instances().get(slot)?, 0);
+            if slot < loads.len() {
+                loads.set(slot, counter);
+            } else if slot == loads.len() {
+                loads.push(counter);
+            } else {
+                return None;
+            }
+        }
+        (loads.len() == len).then_some(loads)
+    }
+
+    /// `snapshot`'s table built over all of its slots: O(N).
+    fn rebuilt<E>(&mut self, snapshot: &Snapshot<E>) -> Table {
+        self.rebuilds += 1;
         let instances = snapshot.instances();
         let mut occurrences: HashMap<&Instance, usize> = HashMap::new();
         let unnamed = Instance::new("");
         // Built over the endpoints: a snapshot whose instance list is shorter (a broken
         // endpointer) still gets one counter per endpoint.
-        let loads: Table = (0..snapshot.endpoints().len())
+        (0..snapshot.endpoints().len())
             .map(|i| {
                 let instance = instances.get(i).unwrap_or(&unnamed);
                 let seen = occurrences.entry(instance).or_insert(0);
-                let key = (instance.clone(), *seen);
+                let occurrence = *seen;
                 *seen += 1;
-                let load = match self.by_instance.get(&key).and_then(Weak::upgrade) {
-                    Some(load) => load,
-                    None => {
-                        let load = Load::new();
-                        self.by_instance.insert(key, Arc::downgrade(&load));
-                        load
-                    }
-                };
-                Held::new(load)
+                self.counter(instance, occurrence)
             })
-            .collect();
-        // Forget the counters no table or guard holds any more (their count is zero).
-        self.by_instance.retain(|_, load| load.strong_count() > 0);
-        self.current = Some(Mapped {
-            version: snapshot.version(),
-            instances: instances.clone(),
-            loads: loads.clone(),
-        });
-        loads
+            .collect()
     }
 }
 
@@ -248,7 +280,7 @@ where
             &self.endpointer,
             |ordinal| Local {
                 rng: thread_rng(self.seed, ordinal),
-                loads: Arc::from(Vec::new()),
+                loads: Slots::new(),
             },
             |snapshot, local| {
                 let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -258,7 +290,7 @@ where
             // copied out of the callee's frame on every pick.
             #[inline(always)]
             |endpoints, snapshot, local| {
-                let loads = &local.loads[..];
+                let loads = &local.loads;
                 let n = endpoints.len().min(loads.len());
                 let i = match n {
                     0 => return Err(snapshot.no_endpoints()),
@@ -271,18 +303,20 @@ where
                             b += 1;
                         }
                         // Ties go to `a`, itself random.
-                        if in_flight(&loads[b].0) < in_flight(&loads[a].0) {
-                            b
-                        } else {
-                            a
+                        match (loads.get(a), loads.get(b)) {
+                            (Some(la), Some(lb)) if in_flight(&lb.load) < in_flight(&la.load) => b,
+                            _ => a,
                         }
                     }
                 };
-                Ok(InFlight {
-                    endpoint: endpoints[i].clone(),
-                    // This clone is the request in flight.
-                    load: loads[i].0.clone(),
-                })
+                match (endpoints.get(i), loads.get(i)) {
+                    (Some(endpoint), Some(counter)) => Ok(InFlight {
+                        endpoint: endpoint.clone(),
+                        // This clone is the request in flight.
+                        load: counter.load.clone(),
+                    }),
+                    _ => Err(snapshot.no_endpoints()),
+                }
             },
         )
     }
@@ -294,7 +328,7 @@ impl<E: Send + Sync, P: Endpointer<E>> fmt::Debug for P2c<E, P> {
         let in_flight: Vec<usize> = registry
             .current
             .as_ref()
-            .map(|m| m.loads.iter().map(|held| in_flight(&held.0)).collect())
+            .map(|m| m.loads.iter().map(|c| in_flight(&c.load)).collect())
             .unwrap_or_default();
         f.debug_struct("P2c")
             .field("seed", &self.seed)
@@ -466,6 +500,54 @@ mod tests {
             theirs, *mine,
             "the other thread sees this thread's request in flight"
         );
+    }
+
+    /// A live set of 2 000 instances changed 200 times, a few instances at a time: each new
+    /// table is derived from the last (no rebuild over the whole set), and every slot's counter
+    /// is its instance's.
+    #[tokio::test]
+    async fn tables_follow_small_changes_without_a_rebuild() {
+        use sd_core::{
+            Closer, DefaultEndpointer, EndpointerOptions, Event, InstanceSet, Publisher,
+        };
+        let mut set: InstanceSet = (0..2000).map(|i| format!("i{i}")).collect();
+        let publisher = Publisher::new(Event::Instances(set.clone()));
+        let factory =
+            |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) };
+        let endpointer =
+            Arc::new(DefaultEndpointer::new(&publisher, factory, EndpointerOptions::new()).await);
+        let p2c = P2c::with_seed(endpointer.clone(), 8);
+        let held = p2c.endpoint().unwrap();
+        let mut rng = fastrand::Rng::with_seed(9);
+        for round in 0..200 {
+            let victim = set.iter().nth(rng.usize(..set.len())).cloned().unwrap();
+            if *victim != **held {
+                set.remove(&victim);
+            }
+            set.insert(format!("n{round}"));
+            let version = endpointer.version();
+            publisher.publish(Event::Instances(set.clone()));
+            while endpointer.version() == version {
+                tokio::task::yield_now().await;
+            }
+            drop(p2c.endpoint().unwrap());
+            let registry = p2c.registry.lock().unwrap();
+            let m = registry.current.as_ref().unwrap();
+            assert_eq!(m.loads.len(), set.len());
+            for (instance, counter) in m.instances.iter().zip(m.loads.iter()) {
+                let (known, _) = &registry.by_instance[&(instance.clone(), 0)];
+                assert!(
+                    Weak::ptr_eq(known, &Arc::downgrade(counter)),
+                    "round {round}"
+                );
+            }
+        }
+        assert_eq!(
+            p2c.registry.lock().unwrap().rebuilds,
+            1,
+            "only the first table"
+        );
+        assert_eq!(held.load(), 1, "the held request is still counted");
     }
 
     #[test]

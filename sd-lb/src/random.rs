@@ -115,7 +115,10 @@ where
                 if endpoints.is_empty() {
                     return Err(snapshot.no_endpoints());
                 }
-                Ok(endpoints[rng.usize(..endpoints.len())].clone())
+                match endpoints.get(rng.usize(..endpoints.len())) {
+                    Some(endpoint) => Ok(endpoint.clone()),
+                    None => Err(snapshot.no_endpoints()),
+                }
             },
         )
     }

@@ -97,7 +97,10 @@ where
                 }
                 // Wrap with a compare, not a division.
                 *next = if i + 1 == len { 0 } else { i + 1 };
-                Ok(endpoints[i].clone())
+                match endpoints.get(i) {
+                    Some(endpoint) => Ok(endpoint.clone()),
+                    None => Err(snapshot.no_endpoints()),
+                }
             },
         )
     }

@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use sd_core::{Endpointer, Snapshot};
+use sd_core::{Endpointer, Slots, Snapshot};
 use thread_local::ThreadLocal;
 
 /// Per-thread cached snapshots and balancer state `S`.
@@ -58,7 +58,7 @@ struct Cached<E> {
     /// The endpointer version read before fetching `snapshot` (the snapshot is at least as new).
     version: u64,
     /// `snapshot.endpoints()`, kept here to save a pointer hop per pick.
-    endpoints: Arc<[E]>,
+    endpoints: Slots<E>,
     snapshot: Arc<Snapshot<E>>,
 }
 
@@ -95,7 +95,7 @@ impl<E: Send + Sync, S: Send> ThreadCache<E, S> {
         endpointer: &P,
         init: impl Fn(usize) -> S,
         refresh: impl Fn(&Snapshot<E>, &mut S),
-        pick: impl FnOnce(&[E], &Snapshot<E>, &mut S) -> R,
+        pick: impl FnOnce(&Slots<E>, &Snapshot<E>, &mut S) -> R,
     ) -> R
     where
         P: Endpointer<E> + ?Sized,
@@ -255,12 +255,7 @@ mod tests {
         fn new(endpoints: Vec<u32>) -> Self {
             let m = Manual {
                 version: AtomicU64::new(0),
-                snapshot: Mutex::new(Arc::new(Snapshot::new(
-                    0,
-                    Arc::from(Vec::new()),
-                    Arc::from(Vec::new()),
-                    None,
-                ))),
+                snapshot: Mutex::new(Arc::new(Snapshot::new(0, Slots::new(), Slots::new(), None))),
                 fetches: AtomicUsize::new(0),
             };
             m.set(endpoints);
@@ -269,12 +264,16 @@ mod tests {
 
         fn set(&self, endpoints: Vec<u32>) {
             let version = self.version.load(Ordering::SeqCst) + 1;
-            let instances: Arc<[Instance]> = endpoints
+            let instances: Slots<Instance> = endpoints
                 .iter()
                 .map(|e| Instance::new(e.to_string()))
                 .collect();
-            *self.snapshot.lock().unwrap() =
-                Arc::new(Snapshot::new(version, instances, endpoints.into(), None));
+            *self.snapshot.lock().unwrap() = Arc::new(Snapshot::new(
+                version,
+                instances,
+                Slots::from(endpoints),
+                None,
+            ));
             self.version.store(version, Ordering::SeqCst);
         }
     }
@@ -290,7 +289,7 @@ mod tests {
     }
 
     fn first(cache: &ThreadCache<u32, ()>, e: &Manual) -> Option<u32> {
-        cache.with(e, |_| (), |_, _| {}, |eps, _, _| eps.first().copied())
+        cache.with(e, |_| (), |_, _| {}, |eps, _, _| eps.get(0).copied())
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use sd_core::{Error, Event, Publisher};
+use sd_core::{Error, Event, Instance, InstanceSet, Publisher};
 use tokio::time::{sleep, sleep_until, Instant};
 
 /// How long a broken watch waits before it "reconnects" and publishes the current set again.
@@ -109,6 +109,47 @@ struct Lease {
 pub(crate) struct Watcher {
     pub(crate) prefix: String,
     pub(crate) publisher: Publisher,
+    /// The prefix's values, kept in step with the store (only under the store's lock).
+    view: Mutex<View>,
+}
+
+/// The distinct values under a prefix, counted (two keys may hold one value), and their set,
+/// edited per change so publishing it is a clone.
+#[derive(Default)]
+struct View {
+    counts: HashMap<Instance, usize>,
+    set: InstanceSet,
+}
+
+impl View {
+    fn add(&mut self, value: &str) {
+        let n = self.counts.entry(Instance::new(value)).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.set.insert(value);
+        }
+    }
+
+    fn release(&mut self, value: &str) {
+        if let Some(n) = self.counts.get_mut(value) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(value);
+                self.set.remove(value);
+            }
+        }
+    }
+}
+
+impl Watcher {
+    fn view(&self) -> MutexGuard<'_, View> {
+        // Every critical section leaves the view consistent, so a poisoned lock is still usable.
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn event(&self) -> Event {
+        Event::Instances(self.view().set.clone())
+    }
 }
 
 impl State {
@@ -128,24 +169,38 @@ impl State {
         Ok(())
     }
 
-    fn instances(&self, prefix: &str) -> Event {
-        Event::from_instances(
-            self.keys
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(_, e)| e.value.as_str()),
-        )
+    /// The values under `prefix`, counted: read once when a watcher starts.
+    fn view(&self, prefix: &str) -> View {
+        let mut view = View::default();
+        for (_, e) in self
+            .keys
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            view.add(&e.value);
+        }
+        view
     }
 
-    /// Tells every live watcher of a prefix that holds `key` the new set.
-    fn notify(&mut self, key: &str) {
+    /// Tells every live watcher of a prefix that holds `key` that its value went from `old` to
+    /// `new` (`None`: absent): O(log N) per watcher.
+    fn notify(&mut self, key: &str, old: Option<&str>, new: Option<&str>) {
         self.watchers.retain(|w| w.strong_count() > 0);
-        if !self.available {
-            return;
-        }
         for w in self.watchers.iter().filter_map(Weak::upgrade) {
-            if key.starts_with(&w.prefix) {
-                w.publisher.publish(self.instances(&w.prefix));
+            if !key.starts_with(&w.prefix) {
+                continue;
+            }
+            let mut view = w.view();
+            if let Some(old) = old {
+                view.release(old);
+            }
+            if let Some(new) = new {
+                view.add(new);
+            }
+            let event = Event::Instances(view.set.clone());
+            drop(view);
+            if self.available {
+                w.publisher.publish(event);
             }
         }
     }
@@ -153,16 +208,18 @@ impl State {
     fn notify_all(&mut self) {
         self.watchers.retain(|w| w.strong_count() > 0);
         for w in self.watchers.iter().filter_map(Weak::upgrade) {
-            w.publisher.publish(self.instances(&w.prefix));
+            w.publisher.publish(w.event());
         }
     }
 
     fn remove_key(&mut self, key: &str) -> bool {
-        let removed = self.keys.remove(key).is_some();
-        if removed {
-            self.notify(key);
+        match self.keys.remove(key) {
+            Some(old) => {
+                self.notify(key, Some(&old.value), None);
+                true
+            }
+            None => false,
         }
-        removed
     }
 
     fn expire(&mut self, lease: LeaseId) {
@@ -232,14 +289,14 @@ impl MemoryStore {
                 return Err(lease_not_found(id));
             }
         }
-        state.keys.insert(
+        let old = state.keys.insert(
             key.to_string(),
             Entry {
                 value: value.to_string(),
                 lease,
             },
         );
-        state.notify(key);
+        state.notify(key, old.as_ref().map(|e| e.value.as_str()), Some(value));
         Ok(())
     }
 
@@ -509,9 +566,11 @@ impl MemoryStore {
     pub(crate) fn watch(&self, prefix: &str) -> Result<Arc<Watcher>, Error> {
         let mut state = self.inner.lock();
         state.check("watch")?;
+        let view = state.view(prefix);
         let watcher = Arc::new(Watcher {
             prefix: prefix.to_string(),
-            publisher: Publisher::new(state.instances(prefix)),
+            publisher: Publisher::new(Event::Instances(view.set.clone())),
+            view: Mutex::new(view),
         });
         state.watchers.push(Arc::downgrade(&watcher));
         Ok(watcher)

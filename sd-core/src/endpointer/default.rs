@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,7 +10,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
 use crate::factory::{make_or_skip, CloseGuard};
-use crate::{Endpointer, Error, Event, EventStream, Factory, Instance, Instancer, Snapshot};
+use crate::{
+    Change, Endpointer, Error, Event, EventStream, Factory, Instance, InstanceSet, Instancer,
+    Slots, Snapshot,
+};
 
 /// Options of a [`DefaultEndpointer`].
 ///
@@ -72,7 +75,14 @@ impl EndpointerOptions {
 /// error event keeps serving the last good endpoints (see
 /// [`EndpointerOptions::invalidate_on_error`]). Updates run on a background task; reading the
 /// endpoints never waits for it. A factory that fails or panics for an instance skips it (logged)
-/// until the next event lists it again.
+/// and is called again for it on each later event that still lists it.
+///
+/// A change costs time in proportion to what changed, not to the size of the set: the
+/// endpointer diffs each event's [`InstanceSet`] against the previous one (skipping the structure
+/// they share), calls the factory only for new instances, and derives the next snapshot's
+/// [`Slots`] from the last one, a new endpoint taking the next slot and a removed one's slot going
+/// to the last endpoint. A large change (more than an eighth of the set) rebuilds the slots in
+/// instance order instead.
 ///
 /// The endpointer does not own the instancer: keep the instancer alive as long as the
 /// endpointer. Once the instancer stops (or is dropped, which stops it), the endpointer keeps
@@ -95,7 +105,7 @@ impl EndpointerOptions {
 ///     Ok((format!("http://{i}"), None))
 /// };
 /// let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
-/// assert_eq!(&*endpointer.endpoints().unwrap(), &["http://127.0.0.1:80", "http://127.0.0.1:81"]);
+/// assert_eq!(endpointer.endpoints().unwrap(), ["http://127.0.0.1:80", "http://127.0.0.1:81"]);
 /// # }
 /// ```
 pub struct DefaultEndpointer<E> {
@@ -121,15 +131,119 @@ struct Shared<E> {
 }
 
 struct Cache<E> {
-    entries: BTreeMap<Instance, Entry<E>>,
+    /// The instance set of the last event applied.
+    set: InstanceSet,
+    /// The live endpoints' instances, each with its slot and closer.
+    entries: BTreeMap<Instance, Entry>,
+    /// Instances of `set` the factory failed for: tried again on each event.
+    failed: BTreeSet<Instance>,
+    /// The next snapshot's slots: `entries`' instances and their endpoints.
+    instances: Slots<Instance>,
+    endpoints: Slots<E>,
+    /// Slots changed since the last published snapshot; `None` after a rebuild (all of them).
+    changed: Option<Vec<usize>>,
     error: Option<Arc<Error>>,
     closed: bool,
 }
 
-struct Entry<E> {
-    endpoint: E,
+struct Entry {
+    slot: usize,
     /// Runs the instance's closer when the entry is dropped.
     _close: CloseGuard,
+}
+
+/// What one event asks of the factory, found under the lock and done outside it.
+struct Work {
+    added: Vec<Instance>,
+    removed: Vec<Instance>,
+}
+
+impl<E> Cache<E> {
+    /// Drops every endpoint (returned, so their closers run outside the lock) and forgets the
+    /// set, so the next event adds all its instances again.
+    fn clear(&mut self) -> BTreeMap<Instance, Entry> {
+        self.set = InstanceSet::new();
+        self.failed.clear();
+        self.instances = Slots::new();
+        self.endpoints = Slots::new();
+        self.changed = None;
+        std::mem::take(&mut self.entries)
+    }
+}
+
+impl<E: Clone> Cache<E> {
+    fn empty() -> Self {
+        Cache {
+            set: InstanceSet::new(),
+            entries: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            instances: Slots::new(),
+            endpoints: Slots::new(),
+            changed: Some(Vec::new()),
+            error: None,
+            closed: false,
+        }
+    }
+
+    fn mark(&mut self, slot: usize) {
+        if let Some(changed) = &mut self.changed {
+            changed.push(slot);
+        }
+    }
+
+    /// Removes `instance`'s endpoint: the last slot's endpoint moves into its slot.
+    fn remove(&mut self, instance: &Instance) -> Option<Entry> {
+        let entry = self.entries.remove(instance)?;
+        self.instances.swap_remove(entry.slot);
+        self.endpoints.swap_remove(entry.slot);
+        if let Some(moved) = self.instances.get(entry.slot).cloned() {
+            if let Some(e) = self.entries.get_mut(&moved) {
+                e.slot = entry.slot;
+            }
+            self.mark(entry.slot);
+        }
+        Some(entry)
+    }
+
+    /// Adds an endpoint in a new last slot (an instance already present is replaced in place).
+    fn add(&mut self, instance: Instance, endpoint: E, close: CloseGuard) -> Option<Entry> {
+        if let Some(entry) = self.entries.get_mut(&instance) {
+            self.endpoints.set(entry.slot, endpoint);
+            let slot = entry.slot;
+            let old = std::mem::replace(&mut entry._close, close);
+            self.mark(slot);
+            return Some(Entry { slot, _close: old });
+        }
+        let slot = self.instances.len();
+        self.instances.push(instance.clone());
+        self.endpoints.push(endpoint);
+        self.entries.insert(
+            instance,
+            Entry {
+                slot,
+                _close: close,
+            },
+        );
+        self.mark(slot);
+        None
+    }
+
+    /// Lays every endpoint out again, in instance order.
+    fn rebuild(&mut self) {
+        let mut instances = Vec::with_capacity(self.entries.len());
+        let mut endpoints = Vec::with_capacity(self.entries.len());
+        for (slot, (instance, entry)) in self.entries.iter_mut().enumerate() {
+            let old = entry.slot;
+            entry.slot = slot;
+            instances.push(instance.clone());
+            if let Some(e) = self.endpoints.get(old) {
+                endpoints.push(e.clone());
+            }
+        }
+        self.instances = Slots::from(instances);
+        self.endpoints = Slots::from(endpoints);
+        self.changed = None;
+    }
 }
 
 impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
@@ -153,7 +267,7 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
     /// let factory =
     ///     |i: &Instance| -> Result<(String, Option<Closer>), Error> { Ok((i.to_string(), None)) };
     /// let e = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
-    /// assert_eq!(&*e.endpoints().unwrap(), &["a:1"]);
+    /// assert_eq!(e.endpoints().unwrap(), ["a:1"]);
     /// # }
     /// ```
     pub async fn new<I, F>(instancer: &I, factory: F, options: EndpointerOptions) -> Self
@@ -163,17 +277,8 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
     {
         let shared = Arc::new(Shared {
             version: AtomicU64::new(0),
-            snapshot: ArcSwap::from_pointee(Snapshot::new(
-                0,
-                Arc::from(Vec::new()),
-                Arc::from(Vec::new()),
-                None,
-            )),
-            cache: Mutex::new(Cache {
-                entries: BTreeMap::new(),
-                error: None,
-                closed: false,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(0, Slots::new(), Slots::new(), None)),
+            cache: Mutex::new(Cache::empty()),
         });
         let mut stream = instancer.subscribe();
         let mut follower = Follower {
@@ -204,7 +309,7 @@ impl<E> Drop for DefaultEndpointer<E> {
         // Close every endpoint now rather than whenever the aborted task is dropped.
         let mut cache = self.shared.lock();
         cache.closed = true;
-        let entries = std::mem::take(&mut cache.entries);
+        let entries = cache.clear();
         drop(cache);
         drop(entries);
     }
@@ -229,27 +334,32 @@ impl<E> Shared<E> {
 
 impl<E: Clone> Shared<E> {
     /// Publishes the cache as a new snapshot, unless nothing visible changed.
-    fn publish(&self, cache: &Cache<E>) {
+    fn publish(&self, cache: &mut Cache<E>) {
         let current = self.snapshot.load();
         let same_error = match (current.error(), &cache.error) {
             (None, None) => true,
             (Some(a), Some(b)) => a.to_string() == b.to_string(),
             _ => false,
         };
-        let same_set = current.instances().len() == cache.entries.len()
-            && current.instances().iter().eq(cache.entries.keys());
-        if same_error && same_set && current.version() != 0 {
+        let same_slots = cache.changed.as_ref().is_some_and(|c| c.is_empty())
+            && current.endpoints().len() == cache.endpoints.len();
+        if same_error && same_slots && current.version() != 0 {
             return;
         }
         let version = current.version() + 1;
-        let instances: Arc<[Instance]> = cache.entries.keys().cloned().collect();
-        let endpoints: Arc<[E]> = cache.entries.values().map(|e| e.endpoint.clone()).collect();
-        self.snapshot.store(Arc::new(Snapshot::new(
+        let mut snapshot = Snapshot::new(
             version,
-            instances,
-            endpoints,
+            cache.instances.clone(),
+            cache.endpoints.clone(),
             cache.error.clone(),
-        )));
+        );
+        if let Some(mut changed) = cache.changed.replace(Vec::new()) {
+            changed.retain(|&slot| slot < cache.endpoints.len());
+            changed.sort_unstable();
+            changed.dedup();
+            snapshot = snapshot.with_changed_slots(current.version(), changed);
+        }
+        self.snapshot.store(Arc::new(snapshot));
         // Readers see the new version only once the snapshot it names is in place.
         self.version.store(version, Ordering::Release);
     }
@@ -260,7 +370,7 @@ impl<E: Clone> Shared<E> {
             return;
         }
         cache.error = Some(Arc::new(err));
-        self.publish(&cache);
+        self.publish(&mut cache);
     }
 
     fn invalidate(&self) {
@@ -268,32 +378,16 @@ impl<E: Clone> Shared<E> {
         if cache.closed {
             return;
         }
-        let dropped = std::mem::take(&mut cache.entries);
+        let dropped = cache.clear();
         tracing::warn!(
             endpoints = dropped.len(),
             error = ?cache.error,
             "discovery has failed for longer than invalidate_on_error: dropping all endpoints"
         );
-        self.publish(&cache);
+        self.publish(&mut cache);
         drop(cache);
         drop(dropped);
     }
-}
-
-/// The items of `from` that `other` lacks. Both are sorted: one merge walk, no lookups.
-fn missing<'a>(
-    from: impl Iterator<Item = &'a Instance>,
-    other: impl Iterator<Item = &'a Instance>,
-) -> Vec<Instance> {
-    let mut other = other.peekable();
-    let mut out = Vec::new();
-    for item in from {
-        while other.next_if(|o| *o < item).is_some() {}
-        if other.next_if(|o| *o == item).is_none() {
-            out.push(item.clone());
-        }
-    }
-    out
 }
 
 struct Follower<E, F> {
@@ -337,7 +431,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         match event {
             Event::Instances(set) => {
                 self.invalidate_at = None;
-                self.update(&crate::event::normalized(set));
+                self.update(set);
             }
             Event::Error(err) => {
                 tracing::warn!(error = %err, "discovery error: serving the last known endpoints");
@@ -353,28 +447,41 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         }
     }
 
-    fn update(&self, set: &[Instance]) {
+    fn update(&self, set: InstanceSet) {
         // The factory is user code (it may block, or take locks a thread dropping the
-        // endpointer holds): call it outside our lock. Only this task adds entries, so the
-        // instances found new here are still missing when the results go in.
-        let new: Vec<Instance> = {
-            let cache = self.shared.lock();
+        // endpointer holds): call it outside our lock. Only this task changes the set and adds
+        // entries, so what is found here still holds when the results go in.
+        let work = {
+            let mut cache = self.shared.lock();
             if cache.closed {
                 return;
             }
-            missing(set.iter(), cache.entries.keys())
+            let mut work = Work {
+                added: Vec::new(),
+                removed: Vec::new(),
+            };
+            for change in cache.set.changes(&set) {
+                match change {
+                    Change::Added(i) => work.added.push(i.clone()),
+                    Change::Removed(i) => work.removed.push(i.clone()),
+                }
+            }
+            // Instances the factory failed for are tried again while the set lists them.
+            work.added
+                .extend(cache.failed.iter().filter(|i| set.contains(i)).cloned());
+            cache.set = set;
+            work
         };
-        let made: Vec<(Instance, Entry<E>)> = new
+        let mut failed = Vec::new();
+        let made: Vec<(Instance, E, CloseGuard)> = work
+            .added
             .into_iter()
-            .filter_map(|instance| {
-                let (endpoint, closer) = make_or_skip(&self.factory, &instance)?;
-                Some((
-                    instance,
-                    Entry {
-                        endpoint,
-                        _close: CloseGuard::new(closer),
-                    },
-                ))
+            .filter_map(|instance| match make_or_skip(&self.factory, &instance) {
+                Some((endpoint, closer)) => Some((instance, endpoint, CloseGuard::new(closer))),
+                None => {
+                    failed.push(instance);
+                    None
+                }
             })
             .collect();
         let mut cache = self.shared.lock();
@@ -384,38 +491,120 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
             drop(made);
             return;
         }
-        let gone = missing(cache.entries.keys(), set.iter());
-        let mut removed = Vec::with_capacity(gone.len());
-        for k in gone {
-            removed.extend(cache.entries.remove(&k));
+        let changes = work.removed.len() + made.len();
+        let mut dropped = Vec::with_capacity(work.removed.len());
+        for instance in &work.removed {
+            cache.failed.remove(instance);
+            dropped.extend(cache.remove(instance));
         }
-        for (instance, entry) in made {
-            removed.extend(cache.entries.insert(instance, entry));
+        for (instance, endpoint, close) in made {
+            cache.failed.remove(&instance);
+            dropped.extend(cache.add(instance, endpoint, close));
+        }
+        cache.failed.extend(failed);
+        if changes > 64 && changes * 8 > cache.entries.len() {
+            cache.rebuild();
         }
         cache.error = None;
-        self.shared.publish(&cache);
+        self.shared.publish(&mut cache);
         drop(cache);
         // Closers may block or take locks of their own: run them outside ours.
-        drop(removed);
+        drop(dropped);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+    use crate::{Closer, Publisher};
 
-    fn set(items: &[&str]) -> Vec<Instance> {
-        items.iter().map(Instance::new).collect()
-    }
-
-    #[test]
-    fn missing_is_a_sorted_difference() {
-        let a = set(&["a", "b", "d", "f"]);
-        let b = set(&["b", "c", "d", "e"]);
-        assert_eq!(missing(a.iter(), b.iter()), set(&["a", "f"]));
-        assert_eq!(missing(b.iter(), a.iter()), set(&["c", "e"]));
-        assert_eq!(missing(a.iter(), [].iter()), a);
-        assert!(missing([].iter(), a.iter()).is_empty());
-        assert!(missing(a.iter(), a.iter()).is_empty());
+    /// Random rounds of adds and removes, small and large: after each, the snapshot holds one
+    /// endpoint per instance in matching slots, every removed instance was closed once, and the
+    /// slots the snapshot says changed are exactly those that differ from the previous one.
+    #[tokio::test]
+    async fn follows_changes_slot_by_slot() {
+        let closed = Arc::new(AtomicUsize::new(0));
+        let made = Arc::new(AtomicUsize::new(0));
+        let factory = {
+            let (closed, made) = (closed.clone(), made.clone());
+            move |i: &Instance| -> Result<(String, Option<Closer>), Error> {
+                made.fetch_add(1, Ordering::Relaxed);
+                let closed = closed.clone();
+                let closer: Closer = Box::new(move || {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                });
+                Ok((format!("ep-{i}"), Some(closer)))
+            }
+        };
+        let mut set: InstanceSet = (0..3000).map(|i| format!("i{i}")).collect();
+        let publisher = Publisher::new(Event::Instances(set.clone()));
+        let endpointer =
+            DefaultEndpointer::new(&publisher, factory, EndpointerOptions::new()).await;
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut next = 3000;
+        let mut previous = endpointer.snapshot();
+        for round in 0..60 {
+            // Mostly a few changes (slot by slot), sometimes a large one (a rebuild).
+            let n = if round % 10 == 9 {
+                800
+            } else {
+                rng.usize(1..6)
+            };
+            for _ in 0..n {
+                if rng.bool() && !set.is_empty() {
+                    if let Some(victim) = set.iter().nth(rng.usize(..set.len())).cloned() {
+                        set.remove(&victim);
+                    }
+                } else {
+                    set.insert(format!("i{next}"));
+                    next += 1;
+                }
+            }
+            publisher.publish(Event::Instances(set.clone()));
+            let snap = loop {
+                let snap = endpointer.snapshot();
+                if snap.version() != previous.version() {
+                    break snap;
+                }
+                tokio::task::yield_now().await;
+            };
+            let mut pairs: Vec<(String, String)> = snap
+                .instances()
+                .iter()
+                .zip(snap.endpoints())
+                .map(|(i, e)| (i.to_string(), e.clone()))
+                .collect();
+            assert!(
+                pairs.iter().all(|(i, e)| *e == format!("ep-{i}")),
+                "round {round}"
+            );
+            pairs.sort();
+            assert!(pairs
+                .iter()
+                .map(|(i, _)| i.as_str())
+                .eq(set.iter().map(|i| i.as_str())));
+            // Every endpoint made and no longer in the set was closed, once.
+            assert_eq!(
+                closed.load(Ordering::Relaxed),
+                made.load(Ordering::Relaxed) - set.len(),
+                "round {round}"
+            );
+            if let Some((since, slots)) = snap.changed_since() {
+                assert_eq!(since, previous.version());
+                let differing: Vec<usize> = (0..snap.instances().len())
+                    .filter(|&s| previous.instances().get(s) != snap.instances().get(s))
+                    .collect();
+                assert_eq!(slots, &differing[..], "round {round}");
+            } else {
+                assert_eq!(n, 800, "only large changes rebuild");
+            }
+            previous = snap;
+        }
+        // At most one factory call per instance (some came and went within one round).
+        assert!(made.load(Ordering::Relaxed) <= next);
+        drop(endpointer);
+        assert_eq!(closed.load(Ordering::Relaxed), made.load(Ordering::Relaxed));
     }
 }

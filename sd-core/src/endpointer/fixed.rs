@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use crate::{Endpointer, Instance, Snapshot};
+use crate::{Endpointer, Instance, Slots, Snapshot};
 
 /// An endpointer over a list that never changes, for static configuration and tests.
 ///
@@ -22,12 +22,13 @@ impl<E> FixedEndpointer<E> {
     /// use sd_core::{Endpointer, FixedEndpointer};
     ///
     /// let e = FixedEndpointer::new(vec!["a:1"]);
-    /// assert_eq!((e.version(), &*e.endpoints().unwrap()), (0, &["a:1"][..]));
+    /// assert_eq!(e.version(), 0);
+    /// assert_eq!(e.endpoints().unwrap(), ["a:1"]);
     /// ```
     pub fn new(endpoints: Vec<E>) -> Self {
-        let instances: Arc<[Instance]> = (0..endpoints.len()).map(|_| Instance::new("")).collect();
+        let instances: Slots<Instance> = (0..endpoints.len()).map(|_| Instance::new("")).collect();
         FixedEndpointer {
-            snapshot: Arc::new(Snapshot::new(0, instances, endpoints.into(), None)),
+            snapshot: Arc::new(Snapshot::new(0, instances, Slots::from(endpoints), None)),
         }
     }
 }

@@ -3,31 +3,41 @@
 
 mod default;
 mod fixed;
+pub mod slots;
 
 use std::sync::Arc;
 
 pub use default::{DefaultEndpointer, EndpointerOptions};
 pub use fixed::FixedEndpointer;
+pub use slots::Slots;
 
 use crate::{Error, Instance};
 
 /// One consistent view of an endpointer: its endpoints, the instances they were made for (same
 /// order), the error that is current, and a version that changes whenever any of them does.
 ///
+/// Endpoints are kept in [`Slots`], in slot order (not sorted): a new instance takes the next
+/// slot, and a removed one's slot is filled by the last endpoint, so a change touches a bounded
+/// number of slots and the next snapshot shares everything else with this one. Where the
+/// endpointer knows them it also records which slots changed since the previous snapshot
+/// ([`changed_since`](Self::changed_since)), so per-endpoint state kept beside a snapshot (P2C's
+/// load counters) follows a change in time proportional to it.
+///
 /// ```
 /// use sd_core::{Endpointer, FixedEndpointer};
 ///
 /// let e = FixedEndpointer::new(vec!["a", "b"]);
 /// let snap = e.snapshot();
-/// assert_eq!(&snap.endpoints()[..], &["a", "b"]);
+/// assert_eq!(*snap.endpoints(), ["a", "b"]);
 /// assert!(snap.error().is_none());
 /// ```
 #[derive(Debug)]
 pub struct Snapshot<E> {
     version: u64,
-    instances: Arc<[Instance]>,
-    endpoints: Arc<[E]>,
+    instances: Slots<Instance>,
+    endpoints: Slots<E>,
     error: Option<Arc<Error>>,
+    changed: Option<(u64, Arc<[usize]>)>,
 }
 
 impl<E> Snapshot<E> {
@@ -35,17 +45,16 @@ impl<E> Snapshot<E> {
     /// without an instance gets an empty one).
     ///
     /// ```
-    /// use std::sync::Arc;
-    /// use sd_core::{Instance, Snapshot};
+    /// use sd_core::{Instance, Slots, Snapshot};
     ///
-    /// let instances: Arc<[Instance]> = Arc::from(vec![Instance::new("a:1")]);
-    /// let snap = Snapshot::new(1, instances, Arc::from(vec!["a"]), None);
+    /// let instances = Slots::from(vec![Instance::new("a:1")]);
+    /// let snap = Snapshot::new(1, instances, Slots::from(vec!["a"]), None);
     /// assert_eq!((snap.instances()[0].as_str(), snap.endpoints()[0]), ("a:1", "a"));
     /// ```
     pub fn new(
         version: u64,
-        instances: Arc<[Instance]>,
-        endpoints: Arc<[E]>,
+        instances: Slots<Instance>,
+        endpoints: Slots<E>,
         error: Option<Arc<Error>>,
     ) -> Self {
         debug_assert_eq!(instances.len(), endpoints.len());
@@ -54,42 +63,76 @@ impl<E> Snapshot<E> {
             instances,
             endpoints,
             error,
+            changed: None,
         }
+    }
+
+    /// Records that this snapshot differs from the one of version `since` only in the given
+    /// `slots` (below this snapshot's length) and in its length: every other slot holds the same
+    /// instance and endpoint. An endpointer that knows this says so; one that does not leaves it
+    /// out, and readers then treat every slot as changed.
+    ///
+    /// ```
+    /// use sd_core::{Slots, Snapshot};
+    ///
+    /// let snap = Snapshot::new(5, Slots::from(vec!["a:1".into()]), Slots::from(vec![1]), None)
+    ///     .with_changed_slots(4, vec![0]);
+    /// assert_eq!(snap.changed_since(), Some((4, &[0][..])));
+    /// ```
+    pub fn with_changed_slots(mut self, since: u64, slots: Vec<usize>) -> Self {
+        self.changed = Some((since, Arc::from(slots)));
+        self
+    }
+
+    /// The version this snapshot was derived from and the slots that changed since, if the
+    /// endpointer recorded them (see [`with_changed_slots`](Self::with_changed_slots)). Slots past
+    /// the older snapshot's length are new; the older snapshot's slots past this one's length are
+    /// gone.
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer};
+    ///
+    /// assert_eq!(FixedEndpointer::new(vec![1]).snapshot().changed_since(), None);
+    /// ```
+    pub fn changed_since(&self) -> Option<(u64, &[usize])> {
+        self.changed
+            .as_ref()
+            .map(|(since, slots)| (*since, &slots[..]))
     }
 
     /// Changes whenever the endpoints or the error change.
     ///
     /// ```
-    /// # use std::sync::Arc;
-    /// let snap = sd_core::Snapshot::<u8>::new(7, Arc::from(vec![]), Arc::from(vec![]), None);
+    /// use sd_core::{Slots, Snapshot};
+    ///
+    /// let snap = Snapshot::<u8>::new(7, Slots::new(), Slots::new(), None);
     /// assert_eq!(snap.version(), 7);
     /// ```
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    /// The endpoints, in instance order.
+    /// The endpoints, in slot order.
     ///
     /// ```
     /// use sd_core::{Endpointer, FixedEndpointer};
     ///
-    /// assert_eq!(&FixedEndpointer::new(vec![1, 2]).snapshot().endpoints()[..], &[1, 2]);
+    /// assert_eq!(*FixedEndpointer::new(vec![1, 2]).snapshot().endpoints(), [1, 2]);
     /// ```
-    pub fn endpoints(&self) -> &Arc<[E]> {
+    #[inline]
+    pub fn endpoints(&self) -> &Slots<E> {
         &self.endpoints
     }
 
     /// The instance each endpoint was made for.
     ///
     /// ```
-    /// # use std::sync::Arc;
-    /// use sd_core::{Instance, Snapshot};
+    /// use sd_core::{Instance, Slots, Snapshot};
     ///
-    /// let instances: Arc<[Instance]> = Arc::from(vec![Instance::new("a:1")]);
-    /// let snap = Snapshot::new(0, instances, Arc::from(vec![1]), None);
-    /// assert_eq!(&snap.instances()[..], &["a:1"]);
+    /// let snap = Snapshot::new(0, Slots::from(vec![Instance::new("a:1")]), Slots::from(vec![1]), None);
+    /// assert_eq!(*snap.instances(), ["a:1"]);
     /// ```
-    pub fn instances(&self) -> &Arc<[Instance]> {
+    pub fn instances(&self) -> &Slots<Instance> {
         &self.instances
     }
 
@@ -97,10 +140,10 @@ impl<E> Snapshot<E> {
     ///
     /// ```
     /// # use std::sync::Arc;
-    /// use sd_core::{Error, Snapshot};
+    /// use sd_core::{Error, Slots, Snapshot};
     ///
     /// let err = Some(Arc::new(Error::backend_msg("down")));
-    /// let snap = Snapshot::<u8>::new(0, Arc::from(vec![]), Arc::from(vec![]), err);
+    /// let snap = Snapshot::<u8>::new(0, Slots::new(), Slots::new(), err);
     /// assert_eq!(snap.error().unwrap().to_string(), "backend error: down");
     /// ```
     pub fn error(&self) -> Option<&Arc<Error>> {
@@ -131,7 +174,7 @@ impl<E> Snapshot<E> {
 /// use sd_core::{Endpointer, FixedEndpointer};
 ///
 /// let e = FixedEndpointer::new(vec![1, 2, 3]);
-/// assert_eq!(&*e.endpoints().unwrap(), &[1, 2, 3]);
+/// assert_eq!(e.endpoints().unwrap(), [1, 2, 3]);
 /// assert!(FixedEndpointer::<u8>::new(vec![]).endpoints().is_err());
 /// ```
 pub trait Endpointer<E>: Send + Sync {
@@ -141,8 +184,9 @@ pub trait Endpointer<E>: Send + Sync {
     /// The current snapshot.
     fn snapshot(&self) -> Arc<Snapshot<E>>;
 
-    /// The current endpoints, or [`Error::NoEndpoints`] (with the last discovery error) if none.
-    fn endpoints(&self) -> Result<Arc<[E]>, Error> {
+    /// The current endpoints (in slot order, a cheap clone of the snapshot's), or
+    /// [`Error::NoEndpoints`] (with the last discovery error) if none.
+    fn endpoints(&self) -> Result<Slots<E>, Error> {
         let snap = self.snapshot();
         if snap.endpoints.is_empty() {
             Err(snap.no_endpoints())
