@@ -987,7 +987,8 @@ impl Client for EtcdClient {
                     .await
                 {
                     Ok(resp) if resp.ttl() < 0 => Ok(None),
-                    Ok(resp) => Ok(Some(resp.keys().to_vec())),
+                    // Moved out, not copied: the list is as long as the lease has keys.
+                    Ok(mut resp) => Ok(Some(std::mem::take(&mut resp.0.keys))),
                     Err(e) if is_lease_not_found(&e) => Ok(None),
                     Err(e) => Err(classify("lease time-to-live", e, None)),
                 }

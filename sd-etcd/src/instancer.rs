@@ -134,14 +134,15 @@ const MAX_BATCHES_PER_PUBLISH: usize = 256;
 /// The prefix's keys and the instances they name.
 ///
 /// Keyed by the raw key bytes (a delete names only the key; two keys that differ in bytes that
-/// are not UTF-8 stay two keys). The instance set is every distinct non-empty value, counted, so
-/// a change touches one entry, and the published [`InstanceSet`] is edited in place (O(log N))
-/// only when a value appears or goes: publishing it is a clone, and subscribers diff it against
-/// the previous one in time proportional to the change.
+/// are not UTF-8 stay two keys). The instance set is every distinct non-empty value. It is edited
+/// in place (O(log N)) only when a value appears or goes, so publishing it is a clone and
+/// subscribers diff it against the previous one in time proportional to the change.
 #[derive(Default)]
 struct State {
-    keys: HashMap<Vec<u8>, Instance>,
-    counts: HashMap<Instance, usize>,
+    keys: HashMap<Box<[u8]>, Instance>,
+    /// For a value held by more than one key, how many keys beyond the first hold it (kept only
+    /// for such values, which are rare: no per-instance count).
+    extra: HashMap<Instance, usize>,
     set: InstanceSet,
     /// Whether the distinct set changed since the last [`event`](Self::event).
     dirty: bool,
@@ -171,15 +172,15 @@ impl State {
         let instance = Self::instance_of(&key, value, prefix);
         match instance {
             Some(i) => {
-                if let Some(old) = self.keys.insert(key, i.clone()) {
+                if let Some(old) = self.keys.insert(key.into_boxed_slice(), i.clone()) {
                     if old == i {
                         return;
                     }
                     self.release(&old);
                 }
-                let n = self.counts.entry(i.clone()).or_insert(0);
-                *n += 1;
-                if *n == 1 {
+                if self.set.contains(&i) {
+                    *self.extra.entry(i).or_insert(0) += 1;
+                } else {
                     self.set.insert(i);
                     self.dirty = true;
                 }
@@ -195,10 +196,12 @@ impl State {
     }
 
     fn release(&mut self, instance: &Instance) {
-        if let Some(n) = self.counts.get_mut(instance) {
-            *n -= 1;
-            if *n == 0 {
-                self.counts.remove(instance);
+        match self.extra.get_mut(instance) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.extra.remove(instance);
+            }
+            None => {
                 self.set.remove(instance);
                 self.dirty = true;
             }
@@ -207,7 +210,7 @@ impl State {
 
     fn replace(&mut self, kvs: Vec<KeyValue>, prefix: &str) {
         self.keys.clear();
-        self.counts.clear();
+        self.extra.clear();
         self.set = InstanceSet::new();
         for kv in kvs {
             self.put(kv.key, &kv.value, prefix);
@@ -851,6 +854,36 @@ mod tests {
                 "{name}: watch resumes after the re-read"
             );
         }
+    }
+
+    /// A value held by several keys stays in the set until the last of them goes or changes,
+    /// and the set is marked changed only when a value appears or goes.
+    #[test]
+    fn a_value_held_by_several_keys_goes_with_the_last() {
+        let mut st = State::default();
+        for k in ["/s/1", "/s/2", "/s/3"] {
+            st.put(k.as_bytes().to_vec(), b"a:1", "/s/");
+        }
+        st.put(b"/s/4".to_vec(), b"b:1", "/s/");
+        assert_eq!(st.event(), Event::from_instances(["a:1", "b:1"]));
+        st.delete(b"/s/1");
+        assert!(!st.dirty, "a:1 still held by /s/2 and /s/3");
+        st.put(b"/s/2".to_vec(), b"c:1", "/s/");
+        assert!(st.dirty, "c:1 appeared");
+        assert_eq!(st.event(), Event::from_instances(["a:1", "b:1", "c:1"]));
+        st.put(b"/s/3".to_vec(), b"", "/s/");
+        assert_eq!(st.event(), Event::from_instances(["b:1", "c:1"]));
+        st.put(b"/s/4".to_vec(), b"c:1", "/s/");
+        assert_eq!(st.event(), Event::from_instances(["c:1"]));
+        st.delete(b"/s/2");
+        assert_eq!(
+            st.event(),
+            Event::from_instances(["c:1"]),
+            "/s/4 still holds c:1"
+        );
+        st.delete(b"/s/4");
+        assert_eq!(st.event(), Event::empty());
+        assert!(st.extra.is_empty() && st.keys.is_empty());
     }
 
     /// Keys are bytes: two keys that differ only in bytes that are not UTF-8 are two entries,

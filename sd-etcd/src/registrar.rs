@@ -597,13 +597,22 @@ impl<C: Client + Clone> Pool<C> {
         let Some(held) = self.client.lease_keys(lease).await? else {
             return Err(Error::LeaseNotFound(lease));
         };
-        let held: std::collections::HashSet<Vec<u8>> = held.into_iter().collect();
-        let missing: Vec<Arc<Entry>> = lock(&self.state)
-            .entries
-            .values()
-            .filter(|e| !held.contains(e.key.as_bytes()))
-            .cloned()
-            .collect();
+        let missing: Vec<Arc<Entry>> = {
+            let state = lock(&self.state);
+            // The usual round: the lease holds as many keys as are registered, and every key
+            // put on it is one of ours, so none is missing. Only a count that differs (a key
+            // deleted, or overwritten without our lease) costs a lookup per key.
+            if held.len() == state.entries.len() {
+                return Ok(());
+            }
+            let held: std::collections::HashSet<&[u8]> = held.iter().map(Vec::as_slice).collect();
+            state
+                .entries
+                .values()
+                .filter(|e| !held.contains(e.key.as_bytes()))
+                .cloned()
+                .collect()
+        };
         let mut restore = Vec::new();
         for entry in missing {
             let (kv, _) = self.client.get(&entry.key).await?;
