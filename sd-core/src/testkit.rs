@@ -21,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
-use crate::{Error, Event, EventStream, Instancer, Registrar, Service, TtlOption};
+use crate::{
+    Error, Event, EventStream, Instancer, Registrar, RegistrationState, Service, TtlOption,
+};
 
 /// What the kit needs from a backend.
 #[async_trait]
@@ -91,10 +93,19 @@ where
         }
         None
     };
+    let seen = |last: Option<Event>| match last {
+        Some(ev) => format!("the last event read was {ev:?}"),
+        None => String::from(
+            "no event arrived while waiting (the state read before the wait did not match either)",
+        ),
+    };
     match tokio::time::timeout(timeout, search).await {
         Ok(Some(ev)) => ev,
-        Ok(None) => panic!("waiting for {what}: the stream ended; last event: {last:?}"),
-        Err(_) => panic!("waiting for {what}: not seen within {timeout:?}; last event: {last:?}"),
+        Ok(None) => panic!("waiting for {what}: the stream ended; {}", seen(last)),
+        Err(_) => panic!(
+            "waiting for {what}: not seen within {timeout:?}; {}",
+            seen(last)
+        ),
     }
 }
 
@@ -255,7 +266,11 @@ pub async fn late_subscriber_gets_current_state<H: Harness + ?Sized>(h: &H) {
     // A new instancer, too, starts from the current state.
     let fresh = instancer(h, &prefix).await;
     let first = fresh.subscribe().next().now_or_never();
-    assert_eq!(first, Some(Some(Event::from_instances(["127.0.0.1:1010"]))));
+    assert_eq!(
+        first,
+        Some(Some(Event::from_instances(["127.0.0.1:1010"]))),
+        "a new instancer's first item must be the current state of the store, ready at once"
+    );
     expect_ok(r.deregister().await, "deregister()");
 }
 
@@ -382,6 +397,382 @@ pub async fn empty_key_or_value_is_refused<H: Harness + ?Sized>(h: &H) {
     }
 }
 
+/// Panics with the message every rule violation carries: the rule's name (the case's) and what
+/// the store and the stream held.
+#[track_caller]
+pub fn violated(rule: &str, details: impl std::fmt::Display) -> ! {
+    panic!("conformance rule `{rule}` violated: {details}")
+}
+
+/// The first item of a fresh instancer of `prefix` (what the store holds now).
+async fn current<H: Harness + ?Sized>(h: &H, prefix: &str) -> Option<Event> {
+    let fresh = instancer(h, prefix).await;
+    let first = fresh.subscribe().next().now_or_never().flatten();
+    fresh.stop();
+    first
+}
+
+/// Polls `state()` until `pred` holds, for at most `timeout`; the last state otherwise.
+async fn state_becomes(
+    r: &dyn Registrar,
+    timeout: Duration,
+    pred: impl Fn(&RegistrationState) -> bool,
+) -> Result<(), RegistrationState> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let state = r.state();
+        if pred(&state) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(state);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rule: `deregister()` removes the key for good. Nothing of the registrar's (a heartbeat left
+/// running, a retry) puts it back.
+pub async fn deregister_is_final<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "deregister_is_final";
+    let prefix = unique_prefix("final");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let r = registrar(h, &prefix, "127.0.0.1:1040", true).await;
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1040"]).await;
+    expect_ok(r.deregister().await, "deregister()");
+    eventually_instances(&mut s, h.timeout(), &[]).await;
+    // Three heartbeats: a heartbeat still running would have put the key back by then.
+    let window = h.ttl().heartbeat() * 3;
+    let back = tokio::time::timeout(window, async {
+        while let Some(ev) = s.next().await {
+            if ev.instances().is_some_and(|i| !i.is_empty()) {
+                return Some(ev);
+            }
+        }
+        None
+    })
+    .await;
+    if let Ok(Some(ev)) = back {
+        violated(
+            RULE,
+            format!("the key came back after deregister() returned: {ev:?}"),
+        );
+    }
+    match current(h, &prefix).await {
+        Some(ev) if ev == Event::empty() => {}
+        other => violated(
+            RULE,
+            format!("{window:?} after deregister() the store holds {other:?}"),
+        ),
+    }
+    if r.state().is_registered() {
+        violated(
+            RULE,
+            format!("state() after deregister() is {:?}", r.state()),
+        );
+    }
+}
+
+/// Rule: a registration that cannot be kept alive says so (`state()` leaves `Registered`
+/// within the harness's timeout of the store breaking), keeps trying, and is `Registered` and
+/// readable again once the store heals.
+pub async fn failing_heartbeat_is_reported<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "failing_heartbeat_is_reported";
+    let prefix = unique_prefix("beat");
+    let r = registrar(h, &prefix, "127.0.0.1:1041", true).await;
+    if let Err(state) = state_becomes(&*r, h.timeout(), RegistrationState::is_registered).await {
+        violated(RULE, format!("state() after register() is {state:?}"));
+    }
+    h.break_store().await;
+    if let Err(state) = state_becomes(&*r, h.timeout(), |s| !s.is_registered()).await {
+        violated(
+            RULE,
+            format!(
+                "the store has been broken for {:?} and state() still says {state:?}",
+                h.timeout()
+            ),
+        );
+    }
+    h.heal_store().await;
+    let limit = h.timeout() + h.ttl().ttl();
+    if let Err(state) = state_becomes(&*r, limit, RegistrationState::is_registered).await {
+        violated(
+            RULE,
+            format!("{limit:?} after the store healed, state() is {state:?}"),
+        );
+    }
+    match current(h, &prefix).await {
+        Some(ev) if ev == Event::from_instances(["127.0.0.1:1041"]) => {}
+        other => violated(
+            RULE,
+            format!(
+                "state() says Registered after the store healed, but the store holds {other:?}"
+            ),
+        ),
+    }
+    expect_ok(r.deregister().await, "deregister()");
+}
+
+/// Rule: `deregister()` removes only this registrar's own value: a key another registrar has
+/// since written stays.
+pub async fn deregister_removes_only_our_value<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "deregister_removes_only_our_value";
+    let prefix = unique_prefix("ours");
+    let key = format!("{prefix}shared");
+    let make = |value: &'static str| {
+        let svc = expect_ok(Service::new(&key, value), "Service::new").with_ttl(h.ttl());
+        h.registrar(svc)
+    };
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let first = expect_ok(make("127.0.0.1:1042").await, "creating a registrar");
+    expect_ok(first.register().await, "register()");
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1042"]).await;
+    let second = expect_ok(make("127.0.0.1:1043").await, "creating a registrar");
+    expect_ok(second.register().await, "register()");
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1043"]).await;
+    // Its result is the backend's to choose; the other registrar's value must stay.
+    let result = first.deregister().await;
+    tokio::time::sleep(h.ttl().heartbeat() * 2).await;
+    match current(h, &prefix).await {
+        Some(ev) if ev == Event::from_instances(["127.0.0.1:1043"]) => {}
+        other => violated(
+            RULE,
+            format!(
+                "the first registrar's deregister() (which returned {result:?}) left the store \
+                 holding {other:?}, not the second registrar's value"
+            ),
+        ),
+    }
+    expect_ok(second.deregister().await, "deregister()");
+    eventually_instances(&mut s, h.timeout(), &[]).await;
+}
+
+/// Rule: `stop()` ends every background task the instancer started (measured with tokio's
+/// count of alive tasks on the case's own runtime).
+pub async fn stop_ends_background_work<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "stop_ends_background_work";
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // A first instancer brings up whatever the harness's client keeps for its whole life (a
+    // connection's tasks): those are not the instancer's.
+    let warm = instancer(h, &unique_prefix("warm")).await;
+    warm.stop();
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = metrics.num_alive_tasks();
+    let prefix = unique_prefix("tasks");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let _r = registrar(h, &prefix, "127.0.0.1:1048", false).await;
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1048"]).await;
+    drop(_r);
+    let during = metrics.num_alive_tasks();
+    inst.stop();
+    let deadline = tokio::time::Instant::now() + h.timeout();
+    loop {
+        let now = metrics.num_alive_tasks();
+        if now <= before {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            violated(
+                RULE,
+                format!(
+                    "{now} tasks alive {:?} after stop(), {during} while it ran, {before} before \
+                     it was made",
+                    h.timeout()
+                ),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+}
+
+/// Rule: on a healthy store an instancer sends no error event and never the same state twice
+/// in a row (watched for three seconds).
+pub async fn no_spurious_events<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "no_spurious_events";
+    let prefix = unique_prefix("quiet");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let r = registrar(h, &prefix, "127.0.0.1:1044", true).await;
+    let mut last = eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1044"]).await;
+    let watch = async {
+        while let Some(ev) = s.next().await {
+            if ev.error().is_some() {
+                violated(RULE, format!("an error event on a healthy store: {ev:?}"));
+            }
+            if ev == last {
+                violated(RULE, format!("the same state sent twice in a row: {ev:?}"));
+            }
+            last = ev;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), watch).await;
+    expect_ok(r.deregister().await, "deregister()");
+}
+
+/// Rule: keys nested below the prefix are instances too (`/svc/a/x/y` is under `/svc/a/`).
+pub async fn nested_keys_are_instances<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "nested_keys_are_instances";
+    let prefix = unique_prefix("nested");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let r = registrar(
+        h,
+        &format!("{prefix}zone-a/rack-1/"),
+        "127.0.0.1:1045",
+        false,
+    )
+    .await;
+    let ev = eventually(&mut s, h.timeout(), "the nested instance", |ev| {
+        ev.instances().is_some_and(|i| !i.is_empty())
+    })
+    .await;
+    if ev != Event::from_instances(["127.0.0.1:1045"]) {
+        violated(
+            RULE,
+            format!("a key two levels below the prefix showed as {ev:?}"),
+        );
+    }
+    expect_ok(r.deregister().await, "deregister()");
+}
+
+/// Rule: a prefix must end in `/` (or `/svc/a` would also watch `/svc/ab/...`): anything else is
+/// refused with `InvalidArgument`.
+pub async fn prefix_must_end_in_slash<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "prefix_must_end_in_slash";
+    let prefix = unique_prefix("slash");
+    let without = prefix.trim_end_matches('/');
+    match h.instancer(without).await {
+        Err(Error::InvalidArgument(_)) => {}
+        Err(e) => violated(
+            RULE,
+            format!("prefix {without:?} was refused, but not as InvalidArgument: {e:?}"),
+        ),
+        Ok(inst) => {
+            inst.stop();
+            violated(
+                RULE,
+                format!("prefix {without:?} (no trailing '/') was accepted"),
+            )
+        }
+    }
+}
+
+/// Rule: `register()` is idempotent: a second call succeeds and changes nothing, and one
+/// `deregister()` then removes the instance.
+pub async fn register_is_idempotent<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "register_is_idempotent";
+    let prefix = unique_prefix("twice");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let r = registrar(h, &prefix, "127.0.0.1:1046", true).await;
+    if let Err(e) = r.register().await {
+        violated(RULE, format!("a second register() failed: {e:?}"));
+    }
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1046"]).await;
+    if let Err(state) = state_becomes(&*r, h.timeout(), RegistrationState::is_registered).await {
+        violated(
+            RULE,
+            format!("state() after two register() calls is {state:?}"),
+        );
+    }
+    expect_ok(r.deregister().await, "deregister()");
+    eventually_instances(&mut s, h.timeout(), &[]).await;
+    tokio::time::sleep(h.ttl().heartbeat() * 2).await;
+    match current(h, &prefix).await {
+        Some(ev) if ev == Event::empty() => {}
+        other => violated(
+            RULE,
+            format!("after two register() calls and one deregister() the store holds {other:?}"),
+        ),
+    }
+}
+
+/// Rule: once `register()` has returned `Ok` and `state()` says `Registered`, the key is
+/// readable: a new instancer's first item lists it.
+pub async fn registered_means_readable<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "registered_means_readable";
+    let prefix = unique_prefix("readable");
+    let r = registrar(h, &prefix, "127.0.0.1:1047", true).await;
+    let state = r.state();
+    let first = current(h, &prefix).await;
+    let want = Event::from_instances(["127.0.0.1:1047"]);
+    if state.is_registered() && first.as_ref() != Some(&want) {
+        violated(
+            RULE,
+            format!("state() said {state:?} but a new instancer's first item was {first:?}"),
+        );
+    }
+    if !state.is_registered() && first.as_ref() != Some(&want) {
+        // Registered may come later, but then the key must be there by the time it does.
+        if let Err(state) = state_becomes(&*r, h.timeout(), RegistrationState::is_registered).await
+        {
+            violated(
+                RULE,
+                format!("state() after register() returned is {state:?}"),
+            );
+        }
+        let first = current(h, &prefix).await;
+        if first.as_ref() != Some(&want) {
+            violated(
+                RULE,
+                format!("state() said Registered but a new instancer's first item was {first:?}"),
+            );
+        }
+    }
+    expect_ok(r.deregister().await, "deregister()");
+}
+
+/// Rule: after the store heals, an instancer follows what the store holds *now*: a key that
+/// went away while the store was unreachable is gone from its set (the instancer reads the
+/// store again rather than keeping its old set).
+pub async fn healed_store_is_reread<H: Harness + ?Sized>(h: &H) {
+    const RULE: &str = "healed_store_is_reread";
+    let prefix = unique_prefix("reread");
+    let inst = instancer(h, &prefix).await;
+    let mut s = inst.subscribe();
+    let keep = registrar(h, &prefix, "127.0.0.1:1049", false).await;
+    let crash = registrar(h, &prefix, "127.0.0.1:1050", true).await;
+    eventually_instances(&mut s, h.timeout(), &["127.0.0.1:1049", "127.0.0.1:1050"]).await;
+    h.crash(crash).await;
+    h.break_store().await;
+    // The crashed registration's TTL runs out while the store is down (or, for a store that
+    // stops its clocks while down, right after it comes back).
+    tokio::time::sleep(h.ttl().ttl() * 2).await;
+    h.heal_store().await;
+    let limit = h.timeout() + h.ttl().ttl() * 2;
+    let want = Event::from_instances(["127.0.0.1:1049"]);
+    let seen = tokio::time::timeout(limit, async {
+        let mut last = None;
+        while let Some(ev) = s.next().await {
+            if ev == want {
+                return Ok(());
+            }
+            last = Some(ev);
+        }
+        Err(last)
+    })
+    .await;
+    match seen {
+        Ok(Ok(())) => {}
+        Ok(Err(last)) => violated(RULE, format!("the stream ended; last event {last:?}")),
+        Err(_) => violated(
+            RULE,
+            format!(
+                "{limit:?} after the store healed, the instancer still does not show what the \
+                 store holds ({:?}); its current state is {:?}",
+                current(h, &prefix).await,
+                inst.subscribe().next().now_or_never().flatten()
+            ),
+        ),
+    }
+    expect_ok(keep.deregister().await, "deregister()");
+}
+
 /// Expands to one `#[tokio::test]` per conformance case. The argument is an expression that
 /// evaluates to a future of the harness (e.g. `async { MyHarness::new().await }`); each test
 /// builds its own. The calling crate needs `tokio` (features `macros`, `rt-multi-thread`) among
@@ -402,6 +793,16 @@ macro_rules! conformance_tests {
             store_error_reaches_subscribers,
             prefix_is_isolated,
             empty_key_or_value_is_refused,
+            deregister_is_final,
+            failing_heartbeat_is_reported,
+            deregister_removes_only_our_value,
+            stop_ends_background_work,
+            no_spurious_events,
+            nested_keys_are_instances,
+            prefix_must_end_in_slash,
+            register_is_idempotent,
+            registered_means_readable,
+            healed_store_is_reread,
         );
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {

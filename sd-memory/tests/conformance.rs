@@ -66,6 +66,143 @@ mod kit_catches {
         StaleAfterStop,
         /// `break_store()` changes nothing subscribers can see.
         SilentStore,
+        /// `deregister()` deletes the key but leaves the heartbeat running, which puts it back.
+        BeatsAfterDeregister,
+        /// The heartbeat gives up at its first failure while `state()` stays `Registered`.
+        GivesUpSilently,
+        /// `deregister()` deletes the key whatever value it holds now.
+        DeletesAnyValue,
+        /// The instancer starts a background task that `stop()` does not end.
+        TaskOutlivesStop,
+        /// The instancer sends an error event now and then on a healthy store.
+        SpuriousErrors,
+    }
+
+    /// A registrar with its own heartbeat task, broken one of two ways.
+    struct OwnBeat {
+        store: MemoryStore,
+        service: Service,
+        /// Whether `deregister()` stops the heartbeat (`false`: `BeatsAfterDeregister`).
+        stops: bool,
+        task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    }
+
+    #[async_trait]
+    impl Registrar for OwnBeat {
+        async fn register(&self) -> Result<(), Error> {
+            let ttl = self.service.ttl.expect("the kit registers with a TTL here");
+            let lease = self.store.grant(ttl.ttl())?;
+            self.store
+                .put_with_lease(&self.service.key, &self.service.value, Some(lease))?;
+            let (store, service) = (self.store.clone(), self.service.clone());
+            let beat = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl.heartbeat()).await;
+                    // GivesUpSilently: the first failure ends the heartbeat, and nobody is told.
+                    if store.keep_alive(lease).is_err() {
+                        return;
+                    }
+                    // A heartbeat that re-puts its key (as some do) puts back a deleted one.
+                    let _ = store.put_with_lease(&service.key, &service.value, Some(lease));
+                }
+            });
+            *self.task.lock().unwrap() = Some(beat);
+            Ok(())
+        }
+        async fn deregister(&self) -> Result<(), Error> {
+            if self.stops {
+                if let Some(task) = self.task.lock().unwrap().take() {
+                    task.abort();
+                }
+            }
+            self.store.delete(&self.service.key).map(drop)
+        }
+        fn state(&self) -> RegistrationState {
+            RegistrationState::Registered
+        }
+    }
+
+    impl Drop for OwnBeat {
+        fn drop(&mut self) {
+            if let Some(task) = self.task.lock().unwrap().take() {
+                task.abort();
+            }
+        }
+    }
+
+    /// A correct registrar whose `deregister()` first deletes the key unconditionally.
+    struct DeletesAny {
+        store: MemoryStore,
+        inner: MemoryRegistrar,
+        key: String,
+    }
+
+    #[async_trait]
+    impl Registrar for DeletesAny {
+        async fn register(&self) -> Result<(), Error> {
+            self.inner.register().await
+        }
+        async fn deregister(&self) -> Result<(), Error> {
+            self.store.delete(&self.key)?;
+            self.inner.deregister().await
+        }
+        fn state(&self) -> RegistrationState {
+            self.inner.state()
+        }
+    }
+
+    /// A correct instancer beside a task of its own that nothing ends.
+    struct Leaky(MemoryInstancer);
+
+    impl Instancer for Leaky {
+        fn subscribe(&self) -> EventStream {
+            self.0.subscribe()
+        }
+        fn stop(&self) {
+            self.0.stop()
+        }
+    }
+
+    /// Republishes a correct instancer's events, with an error event every 700 ms.
+    struct Noisy {
+        publisher: std::sync::Arc<sd_core::Publisher>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Noisy {
+        fn new(inner: MemoryInstancer) -> Self {
+            let mut events = inner.subscribe();
+            let publisher = std::sync::Arc::new(sd_core::Publisher::new(Event::empty()));
+            let out = publisher.clone();
+            let task = tokio::spawn(async move {
+                let _inner = inner;
+                let mut tick = tokio::time::interval(Duration::from_millis(700));
+                let mut last = Event::empty();
+                loop {
+                    tokio::select! {
+                        ev = events.next() => match ev {
+                            Some(ev) => { last = ev.clone(); out.publish(ev); }
+                            None => return,
+                        },
+                        _ = tick.tick() => {
+                            out.publish(Event::Error(Error::backend_msg("spurious")));
+                            out.publish(last.clone());
+                        }
+                    }
+                }
+            });
+            Noisy { publisher, task }
+        }
+    }
+
+    impl Instancer for Noisy {
+        fn subscribe(&self) -> EventStream {
+            self.publisher.subscribe()
+        }
+        fn stop(&self) {
+            self.task.abort();
+            self.publisher.stop();
+        }
     }
 
     struct Broken {
@@ -123,19 +260,47 @@ mod kit_catches {
             Duration::from_secs(2)
         }
         async fn registrar(&self, service: Service) -> Result<Box<dyn Registrar>, Error> {
-            if self.fault == Fault::NoHeartbeat {
-                let store = self.memory.store.clone();
-                return Ok(Box::new(NoHeartbeat { store, service }));
+            let store = self.memory.store.clone();
+            match self.fault {
+                Fault::NoHeartbeat => Ok(Box::new(NoHeartbeat { store, service })),
+                Fault::BeatsAfterDeregister | Fault::GivesUpSilently if service.ttl.is_some() => {
+                    Ok(Box::new(OwnBeat {
+                        store,
+                        service,
+                        stops: self.fault == Fault::GivesUpSilently,
+                        task: Mutex::new(None),
+                    }))
+                }
+                Fault::DeletesAnyValue => Ok(Box::new(DeletesAny {
+                    inner: MemoryRegistrar::new(&store, service.clone())?,
+                    store,
+                    key: service.key,
+                })),
+                _ => self.memory.registrar(service).await,
             }
-            self.memory.registrar(service).await
         }
         async fn instancer(&self, prefix: &str) -> Result<Box<dyn Instancer>, Error> {
-            if self.fault == Fault::StaleAfterStop {
-                let inner = MemoryInstancer::new(&self.memory.store, prefix)?;
-                let last = Mutex::new(None);
-                return Ok(Box::new(StaleAfterStop { inner, last }));
+            match self.fault {
+                Fault::StaleAfterStop => {
+                    let inner = MemoryInstancer::new(&self.memory.store, prefix)?;
+                    let last = Mutex::new(None);
+                    Ok(Box::new(StaleAfterStop { inner, last }))
+                }
+                Fault::TaskOutlivesStop => {
+                    let inner = MemoryInstancer::new(&self.memory.store, prefix)?;
+                    tokio::spawn(async {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    });
+                    Ok(Box::new(Leaky(inner)))
+                }
+                Fault::SpuriousErrors => Ok(Box::new(Noisy::new(MemoryInstancer::new(
+                    &self.memory.store,
+                    prefix,
+                )?))),
+                _ => self.memory.instancer(prefix).await,
             }
-            self.memory.instancer(prefix).await
         }
         async fn break_store(&self) {
             if self.fault != Fault::SilentStore {
@@ -157,6 +322,65 @@ mod kit_catches {
 
     async fn fails<F: std::future::Future<Output = ()>>(case: F) -> bool {
         AssertUnwindSafe(case).catch_unwind().await.is_err()
+    }
+
+    /// Runs `case` and checks that it fails naming `rule`.
+    async fn fails_naming<F: std::future::Future<Output = ()>>(rule: &str, case: F) {
+        let panic = match AssertUnwindSafe(case).catch_unwind().await {
+            Ok(()) => panic!("the kit passed a backend that breaks `{rule}`"),
+            Err(panic) => panic,
+        };
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("conformance rule `{rule}` violated")),
+            "the kit failed, but not naming `{rule}`: {message}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_that_outlives_deregister() {
+        let h = broken(Fault::BeatsAfterDeregister);
+        fails_naming("deregister_is_final", testkit::deregister_is_final(&h)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_that_gives_up_silently() {
+        let h = broken(Fault::GivesUpSilently);
+        fails_naming(
+            "failing_heartbeat_is_reported",
+            testkit::failing_heartbeat_is_reported(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deregister_that_deletes_another_registrars_value() {
+        let h = broken(Fault::DeletesAnyValue);
+        fails_naming(
+            "deregister_removes_only_our_value",
+            testkit::deregister_removes_only_our_value(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_outlives_stop() {
+        let h = broken(Fault::TaskOutlivesStop);
+        fails_naming(
+            "stop_ends_background_work",
+            testkit::stop_ends_background_work(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spurious_error_events() {
+        let h = broken(Fault::SpuriousErrors);
+        fails_naming("no_spurious_events", testkit::no_spurious_events(&h)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
