@@ -9,13 +9,32 @@ use crate::{Event, EventStream};
 
 /// Watches the instances of one service and tells subscribers the current set.
 ///
-/// Implemented by every backend (`sd-etcd`, `sd-memory`, your own). Contract:
-/// - `subscribe()` returns a stream whose first item is the current state, at once;
-/// - delivery is latest-value: a slow subscriber sees the newest state when it next reads, never a
-///   queue of stale ones, and never delays the instancer or other subscribers;
-/// - `stop()` ends every stream; `subscribe()` after `stop()` returns a stream that ends at once.
+/// Implemented by every backend (`sd-etcd`, `sd-memory`, your own).
 ///
-/// Backends get all of that from [`Publisher`].
+/// # The contract
+/// Every backend keeps these rules; the conformance kit ([`testkit`](crate::testkit), feature
+/// `testkit`) checks each with a case of the same name.
+/// - **The prefix** must end in `/` (anything else is [`Error::InvalidArgument`](crate::Error),
+///   `prefix_must_end_in_slash`), so `/svc/a/` never matches `/svc/ab/...`
+///   (`prefix_is_isolated`). Every key below it is an instance, however deeply nested
+///   (`nested_keys_are_instances`); the instance is the key's value.
+/// - **The constructor** returns once the prefix has been read (or with the read's error), so
+///   the first item of `subscribe()` is the store's current state, at once
+///   (`late_subscriber_gets_current_state`).
+/// - **Delivery is latest-value**: a slow subscriber sees the newest state when it next reads,
+///   never a queue of stale ones, and never delays the instancer or other subscribers
+///   (`idle_subscriber_does_not_delay_others`).
+/// - **No spurious events**: on a healthy store there is no error event and never the same
+///   state twice in a row (`no_spurious_events`). An error event means a read or watch really
+///   failed and could not be resumed at once (`store_error_reaches_subscribers`).
+/// - **Recovery re-reads**: once the store answers again, the instancer shows what it holds now,
+///   including removals made while it was unreachable, never its old set
+///   (`healed_store_is_reread`).
+/// - **`stop()`** ends every stream and every background task it started
+///   (`stop_ends_all_streams`, `stop_ends_background_work`); `subscribe()` after `stop()` returns
+///   a stream that ends at once. Dropping the instancer stops it.
+///
+/// Backends get the subscriber side of all this from [`Publisher`].
 ///
 /// ```
 /// use futures::StreamExt;

@@ -202,10 +202,32 @@ impl RegistrationState {
 ///
 /// Unlike go-kit's, failures are returned, and a backend that keeps a registration alive (TTL
 /// heartbeats) goes on retrying in the background, reporting through [`state`](Self::state).
-/// Both calls are idempotent. Call `deregister()` on shutdown: dropping a registrar stops its
-/// heartbeats, and whether it also removes the key is the backend's choice (`sd-etcd` makes a
-/// best-effort revoke, `sd-memory` leaves the key to expire at its TTL, as a crashed process
-/// would).
+///
+/// # The contract
+/// Every backend keeps these rules; the conformance kit ([`testkit`](crate::testkit), feature
+/// `testkit`) checks each one with a case of the same name.
+/// - **`register()`** validates the service first (an empty key or value is
+///   [`Error::InvalidArgument`]). If its first attempt fails it returns that error and leaves
+///   nothing running: the caller decides whether to call it again. Once it has returned `Ok`,
+///   the registrar keeps the key in the store (heart-beating it with a TTL) and retries any
+///   later failure in the background (lease lost, key deleted behind its back, store down)
+///   until `deregister()`. It is idempotent: a second call while registered returns `Ok` and
+///   changes nothing (`register_is_idempotent`).
+/// - **`state()`** is `Unregistered` before `register()` and after `deregister()`;
+///   `Registered` only while the key is readable in the store, so a new instancer started once
+///   `state()` says `Registered` lists it (`registered_means_readable`); `Retrying(error)` as soon
+///   as keeping the key alive fails, and `Registered` again once it works
+///   (`failing_heartbeat_is_reported`): a heartbeat never gives up silently.
+/// - **`deregister()`** removes the key only if it still holds this registrar's own value (or
+///   lease): a value another registrar has written since stays (`deregister_removes_only_our_value`).
+///   It stops all background work, so nothing puts the key back (`deregister_is_final`). It is
+///   idempotent, and `register()` may be called again afterwards.
+/// - **Lease loss** (the store forgot the TTL lease): the registrar grants a new one and puts
+///   the key again, reporting `Retrying` meanwhile.
+/// - **Drop** stops the heartbeat. Whether it also removes the key is the backend's choice and
+///   is documented by it: `sd-etcd` makes a best-effort revoke (or not, `with_revoke_on_drop`),
+///   `sd-memory` leaves the key to expire at its TTL, as a crashed process would. Call
+///   `deregister()` on shutdown.
 ///
 /// ```
 /// use async_trait::async_trait;
@@ -221,13 +243,15 @@ impl RegistrationState {
 /// ```
 #[async_trait]
 pub trait Registrar: Send + Sync {
-    /// Puts the service in the store (and starts heart-beating it with a TTL).
+    /// Puts the service in the store (and starts heart-beating it with a TTL). Idempotent; see
+    /// the trait's contract for failures.
     async fn register(&self) -> Result<(), Error>;
 
-    /// Removes the service from the store and stops heart-beating.
+    /// Removes the service from the store, if it still holds our value, and stops all
+    /// background work. Idempotent.
     async fn deregister(&self) -> Result<(), Error>;
 
-    /// The registration's current state.
+    /// The registration's current state: `Registered` only while the key is readable.
     fn state(&self) -> RegistrationState;
 }
 

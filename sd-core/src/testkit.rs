@@ -2,16 +2,159 @@
 //!
 //! A backend's tests implement [`Harness`] (how to get a registrar and an instancer, how to break
 //! and heal the store) and expand [`conformance_tests!`](crate::conformance_tests), which writes
-//! one `#[tokio::test]` per case. Cases run in real time with the TTL the harness chooses, so the
-//! same kit runs against an in-process store and a real etcd. Each case works under its own
-//! fresh prefix, so cases may run in parallel against one store.
+//! one `#[tokio::test]` per case. Each case is named after the rule of the
+//! [`Registrar`](crate::Registrar) or [`Instancer`](crate::Instancer) contract it checks, and a
+//! broken rule fails with `conformance rule `<name>` violated: ...` and what the store and the
+//! stream held. Cases run in real time with the TTL the harness chooses, so the same kit runs
+//! against an in-process store and a real etcd. Each case works under its own fresh prefix and
+//! builds its own harness (the macro calls the harness expression once per case): a harness whose
+//! [`break_store`](Harness::break_store) breaks a store other cases use makes them fail, so give
+//! each harness its own store, or one that breaking affects alone.
 //!
-//! ```text
-//! struct MyHarness { /* a store */ }
-//! #[async_trait::async_trait]
-//! impl sd_core::testkit::Harness for MyHarness { /* ... */ }
+//! # Writing a backend
+//! A backend is a registrar and an instancer over some store. The subscriber side of an
+//! instancer comes from [`Publisher`](crate::Publisher): publish the prefix's set after each
+//! change (a real backend keeps one [`InstanceSet`](crate::InstanceSet) and edits it, so a
+//! change costs O(log N)). Below, a whole backend over a map (no TTL support, so the TTL cases
+//! are left out) and its harness, run through some of the kit's cases:
 //!
-//! sd_core::conformance_tests!(async { MyHarness::new().await });
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::{Arc, Mutex};
+//!
+//! use async_trait::async_trait;
+//! use sd_core::testkit::{self, Harness};
+//! use sd_core::{
+//!     Error, Event, EventStream, Instancer, Publisher, RegistrationState, Registrar, Service,
+//!     TtlOption,
+//! };
+//!
+//! /// The store: keys, whether it answers, and the watches to tell of changes.
+//! #[derive(Clone, Default)]
+//! struct Store(Arc<Mutex<Inner>>);
+//!
+//! #[derive(Default)]
+//! struct Inner {
+//!     keys: BTreeMap<String, String>,
+//!     down: bool,
+//!     watches: Vec<(String, Arc<Publisher>)>,
+//! }
+//!
+//! impl Inner {
+//!     fn read(&self, prefix: &str) -> Event {
+//!         if self.down {
+//!             return Event::Error(Error::backend_msg("store down"));
+//!         }
+//!         let under = self.keys.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix));
+//!         Event::from_instances(under.map(|(_, v)| v.clone()))
+//!     }
+//!     fn tell(&self) {
+//!         for (prefix, publisher) in &self.watches {
+//!             publisher.publish(self.read(prefix));
+//!         }
+//!     }
+//! }
+//!
+//! impl Store {
+//!     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+//!         self.0.lock().unwrap_or_else(|e| e.into_inner())
+//!     }
+//! }
+//!
+//! struct MapRegistrar { store: Store, service: Service, registered: Mutex<bool> }
+//!
+//! #[async_trait]
+//! impl Registrar for MapRegistrar {
+//!     async fn register(&self) -> Result<(), Error> {
+//!         self.service.validate()?;
+//!         let mut inner = self.store.inner();
+//!         if inner.down {
+//!             return Err(Error::backend_msg("store down"));
+//!         }
+//!         inner.keys.insert(self.service.key.clone(), self.service.value.clone());
+//!         inner.tell();
+//!         *self.registered.lock().unwrap() = true;
+//!         Ok(())
+//!     }
+//!     async fn deregister(&self) -> Result<(), Error> {
+//!         let mut inner = self.store.inner();
+//!         // Only our own value: another registrar may have written the key since.
+//!         if inner.keys.get(&self.service.key) == Some(&self.service.value) {
+//!             inner.keys.remove(&self.service.key);
+//!             inner.tell();
+//!         }
+//!         *self.registered.lock().unwrap() = false;
+//!         Ok(())
+//!     }
+//!     fn state(&self) -> RegistrationState {
+//!         match *self.registered.lock().unwrap() {
+//!             true => RegistrationState::Registered,
+//!             false => RegistrationState::Unregistered,
+//!         }
+//!     }
+//! }
+//!
+//! struct MapInstancer(Arc<Publisher>);
+//!
+//! impl MapInstancer {
+//!     fn new(store: &Store, prefix: &str) -> Result<Self, Error> {
+//!         if !prefix.ends_with('/') {
+//!             return Err(Error::invalid_argument(format!("prefix {prefix:?} must end in '/'")));
+//!         }
+//!         let mut inner = store.inner();
+//!         let publisher = Arc::new(Publisher::new(inner.read(prefix)));
+//!         inner.watches.push((prefix.to_string(), publisher.clone()));
+//!         Ok(MapInstancer(publisher))
+//!     }
+//! }
+//!
+//! impl Instancer for MapInstancer {
+//!     fn subscribe(&self) -> EventStream { self.0.subscribe() }
+//!     fn stop(&self) { self.0.stop() }
+//! }
+//!
+//! struct MapHarness(Store);
+//!
+//! #[async_trait]
+//! impl Harness for MapHarness {
+//!     fn ttl(&self) -> TtlOption {
+//!         TtlOption::new(std::time::Duration::from_millis(500), std::time::Duration::from_secs(2)).unwrap()
+//!     }
+//!     async fn registrar(&self, service: Service) -> Result<Box<dyn Registrar>, Error> {
+//!         Ok(Box::new(MapRegistrar { store: self.0.clone(), service, registered: Mutex::new(false) }))
+//!     }
+//!     async fn instancer(&self, prefix: &str) -> Result<Box<dyn Instancer>, Error> {
+//!         Ok(Box::new(MapInstancer::new(&self.0, prefix)?))
+//!     }
+//!     async fn break_store(&self) {
+//!         let mut inner = self.0.inner();
+//!         inner.down = true;
+//!         inner.tell();
+//!     }
+//!     async fn heal_store(&self) {
+//!         let mut inner = self.0.inner();
+//!         inner.down = false;
+//!         inner.tell();
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() {
+//! // In a backend's tests: `sd_core::conformance_tests!(async { MapHarness(Store::default()) });`
+//! let h = MapHarness(Store::default());
+//! testkit::registered_instance_is_seen(&h).await;
+//! testkit::deregister_removes_only_our_value(&h).await;
+//! testkit::register_is_idempotent(&h).await;
+//! testkit::registered_means_readable(&h).await;
+//! testkit::nested_keys_are_instances(&h).await;
+//! testkit::prefix_must_end_in_slash(&h).await;
+//! testkit::prefix_is_isolated(&h).await;
+//! testkit::late_subscriber_gets_current_state(&h).await;
+//! testkit::stop_ends_all_streams(&h).await;
+//! testkit::stop_ends_background_work(&h).await;
+//! testkit::store_error_reaches_subscribers(&h).await;
+//! testkit::empty_key_or_value_is_refused(&h).await;
+//! # }
 //! ```
 
 use std::fmt::Debug;
