@@ -1,6 +1,11 @@
 //! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`,
 //! and the checks every duration flag goes through.
 
+/// The README's Rust examples, compiled and run as doc tests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -49,6 +49,59 @@ where
 }
 
 /// Runs a closer exactly once: when dropped.
+/// A factory from a closure whose types are inferred: no annotation on its argument or its
+/// result. The closure returns the endpoint and an optional closer, or an error.
+///
+/// ```
+/// use sd_core::{factory, Factory, Instance};
+///
+/// let f = factory(|i| Ok((format!("http://{i}/"), None)));
+/// let (url, closer) = f.make(&Instance::new("127.0.0.1:80")).unwrap();
+/// assert_eq!(url, "http://127.0.0.1:80/");
+/// assert!(closer.is_none());
+/// ```
+pub fn factory<E, F>(f: F) -> F
+where
+    F: Fn(&Instance) -> Result<(E, Option<Closer>), Error> + Send + Sync + 'static,
+{
+    f
+}
+
+/// A factory that cannot fail and needs no closer: the closure turns an instance into its
+/// endpoint.
+///
+/// ```
+/// use sd_core::{endpoint_fn, Factory, Instance};
+///
+/// let f = endpoint_fn(|i| format!("http://{i}/"));
+/// let (url, _) = f.make(&Instance::new("127.0.0.1:80")).unwrap();
+/// assert_eq!(url, "http://127.0.0.1:80/");
+/// ```
+pub fn endpoint_fn<E, F>(f: F) -> EndpointFn<F>
+where
+    F: Fn(&Instance) -> E + Send + Sync + 'static,
+{
+    EndpointFn(f)
+}
+
+/// The factory [`endpoint_fn`] makes.
+///
+/// ```
+/// let f: sd_core::EndpointFn<_> = sd_core::endpoint_fn(|i| i.len());
+/// # let _ = f;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointFn<F>(F);
+
+impl<E, F> Factory<E> for EndpointFn<F>
+where
+    F: Fn(&Instance) -> E + Send + Sync + 'static,
+{
+    fn make(&self, instance: &Instance) -> Result<(E, Option<Closer>), Error> {
+        Ok(((self.0)(instance), None))
+    }
+}
+
 pub(crate) struct CloseGuard(Option<Closer>);
 
 impl CloseGuard {

@@ -62,7 +62,7 @@ pub use endpointer::{
 };
 pub use error::{BackendError, Error};
 pub use event::{Event, EventStream};
-pub use factory::{Closer, Factory};
+pub use factory::{endpoint_fn, factory, Closer, EndpointFn, Factory};
 pub use instance::Instance;
 pub use instance_set::{Change, InstanceSet};
 pub use instancer::{Instancer, Publisher};

@@ -84,10 +84,11 @@ impl EndpointerOptions {
 /// to the last endpoint. A large change (more than an eighth of the set) rebuilds the slots in
 /// instance order instead.
 ///
-/// The endpointer does not own the instancer: keep the instancer alive as long as the
-/// endpointer. Once the instancer stops (or is dropped, which stops it), the endpointer keeps
-/// serving its last endpoints, with [`Error::Stopped`] as the current error, until
-/// `invalidate_on_error` drops them.
+/// [`new`](Self::new) borrows the instancer: keep it alive as long as the endpointer.
+/// [`owning`](Self::owning) takes it, and stops it when the endpointer is dropped. Once the
+/// instancer stops (or is dropped, which stops it), the endpointer keeps serving its last
+/// endpoints, with [`Error::Stopped`] as the current error, until `invalidate_on_error` drops
+/// them.
 ///
 /// ```
 /// use sd_core::{Closer, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event,
@@ -111,6 +112,8 @@ impl EndpointerOptions {
 pub struct DefaultEndpointer<E> {
     shared: Arc<Shared<E>>,
     task: Option<JoinHandle<()>>,
+    /// The instancer, when the endpointer owns it ([`DefaultEndpointer::owning`]).
+    source: Option<Box<dyn Instancer>>,
 }
 
 impl<E> fmt::Debug for DefaultEndpointer<E> {
@@ -127,6 +130,8 @@ impl<E> fmt::Debug for DefaultEndpointer<E> {
 struct Shared<E> {
     version: AtomicU64,
     snapshot: ArcSwap<Snapshot<E>>,
+    /// Woken on every new snapshot, for [`DefaultEndpointer::wait_until`].
+    published: tokio::sync::Notify,
     cache: Mutex<Cache<E>>,
 }
 
@@ -278,6 +283,7 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
         let shared = Arc::new(Shared {
             version: AtomicU64::new(0),
             snapshot: ArcSwap::from_pointee(Snapshot::new(0, Slots::new(), Slots::new(), None)),
+            published: tokio::sync::Notify::new(),
             cache: Mutex::new(Cache::empty()),
         });
         let mut stream = instancer.subscribe();
@@ -297,7 +303,91 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
                 None
             }
         };
-        DefaultEndpointer { shared, task }
+        DefaultEndpointer {
+            shared,
+            task,
+            source: None,
+        }
+    }
+
+    /// Like [`new`](Self::new), but the endpointer owns `instancer`: nothing else has to keep it
+    /// alive, and dropping the endpointer stops it. Pass an `Arc` of an instancer to keep a
+    /// handle to it too.
+    ///
+    /// ```
+    /// use sd_core::{endpoint_fn, DefaultEndpointer, Endpointer, EndpointerOptions, Event, Publisher};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let e = DefaultEndpointer::owning(
+    ///     Publisher::new(Event::from_instances(["a:1"])),
+    ///     endpoint_fn(|i| format!("http://{i}")),
+    ///     EndpointerOptions::new(),
+    /// )
+    /// .await;
+    /// assert_eq!(e.endpoints().unwrap(), ["http://a:1"]);
+    /// # }
+    /// ```
+    pub async fn owning<I, F>(instancer: I, factory: F, options: EndpointerOptions) -> Self
+    where
+        I: Instancer + 'static,
+        F: Factory<E>,
+    {
+        let mut endpointer = Self::new(&instancer, factory, options).await;
+        endpointer.source = Some(Box::new(instancer));
+        endpointer
+    }
+}
+
+impl<E> DefaultEndpointer<E> {
+    /// Waits until the current snapshot satisfies `done`, and returns it: for tests and for
+    /// code that must not act before a change has been applied (no polling). Checks the current
+    /// snapshot first, then each new one. Waits for ever if no snapshot ever satisfies `done`
+    /// (wrap it in a timeout where that can happen).
+    ///
+    /// ```
+    /// use sd_core::{endpoint_fn, DefaultEndpointer, Endpointer, EndpointerOptions, Event, Publisher};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let instancer = Publisher::new(Event::from_instances(["a:1"]));
+    /// let e = DefaultEndpointer::new(&instancer, endpoint_fn(|i| i.to_string()), EndpointerOptions::new()).await;
+    /// instancer.publish(Event::from_instances(["a:1", "b:1"]));
+    /// let snap = e.wait_until(|s| s.endpoints().len() == 2).await;
+    /// assert_eq!(snap.endpoints().len(), 2);
+    /// # }
+    /// ```
+    pub async fn wait_until(&self, done: impl Fn(&Snapshot<E>) -> bool) -> Arc<Snapshot<E>> {
+        loop {
+            let next = self.shared.published.notified();
+            tokio::pin!(next);
+            // Registered before the check, so a snapshot published in between still wakes us.
+            next.as_mut().enable();
+            let snap = self.shared.snapshot.load_full();
+            if done(&snap) {
+                return snap;
+            }
+            next.await;
+        }
+    }
+
+    /// Waits for the first snapshot newer than version `since` (from
+    /// [`Endpointer::version`] or an earlier snapshot), and returns it.
+    ///
+    /// ```
+    /// use sd_core::{endpoint_fn, DefaultEndpointer, Endpointer, EndpointerOptions, Event, Publisher};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let instancer = Publisher::new(Event::from_instances(["a:1"]));
+    /// let e = DefaultEndpointer::new(&instancer, endpoint_fn(|i| i.to_string()), EndpointerOptions::new()).await;
+    /// let before = e.version();
+    /// instancer.publish(Event::from_instances(["b:1"]));
+    /// assert_eq!(*e.changed(before).await.endpoints(), ["b:1"]);
+    /// # }
+    /// ```
+    pub async fn changed(&self, since: u64) -> Arc<Snapshot<E>> {
+        self.wait_until(|s| s.version() > since).await
     }
 }
 
@@ -305,6 +395,9 @@ impl<E> Drop for DefaultEndpointer<E> {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        if let Some(source) = self.source.take() {
+            source.stop();
         }
         // Close every endpoint now rather than whenever the aborted task is dropped.
         let mut cache = self.shared.lock();
@@ -362,6 +455,7 @@ impl<E: Clone> Shared<E> {
         self.snapshot.store(Arc::new(snapshot));
         // Readers see the new version only once the snapshot it names is in place.
         self.version.store(version, Ordering::Release);
+        self.published.notify_waiters();
     }
 
     fn set_error(&self, err: Error) {
