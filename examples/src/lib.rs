@@ -254,6 +254,47 @@ pub fn init_logging(default: &str) {
         .init();
 }
 
+/// What the programs print for a failed attempt of a retried call: its error and every cause.
+///
+/// ```
+/// use sd_core::Error;
+/// use sd_lb::AttemptError;
+///
+/// let e = AttemptError::<String>::Balancer(Error::NoEndpoints { last_error: None });
+/// assert_eq!(
+///     examples::attempt_failure(&e),
+///     "no endpoint to call: no endpoints available: no instance is registered under the watched prefix"
+/// );
+/// assert_eq!(examples::attempt_failure(&AttemptError::Call(String::from("refused"))), "refused");
+/// ```
+pub fn attempt_failure<Er: std::fmt::Display>(e: &sd_lb::AttemptError<Er>) -> String {
+    match e.balancer_error() {
+        Some(b) => format!("{e}: {}", sd_core::Report(b)),
+        None => e.to_string(),
+    }
+}
+
+/// What the programs print for a failed retried call: why retrying stopped, and the last
+/// attempt's error with its causes.
+///
+/// ```
+/// # use std::time::Duration;
+/// use sd_core::FixedEndpointer;
+/// use sd_lb::{Retry, RoundRobin};
+///
+/// # futures::executor::block_on(async {
+/// let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 2, Duration::from_secs(1)).unwrap();
+/// let err = retry.call(|_| async { Err::<(), _>(String::from("refused")) }).await.unwrap_err();
+/// assert_eq!(examples::retry_failure(&err), "all 2 attempts failed; last error: refused");
+/// # });
+/// ```
+pub fn retry_failure<Er: std::fmt::Display>(e: &sd_lb::RetryError<Er>) -> String {
+    match e.last() {
+        Some(last) => format!("{e}; last error: {}", attempt_failure(last)),
+        None => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;

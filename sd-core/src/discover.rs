@@ -149,7 +149,7 @@ where
             match this.events.poll_next_unpin(cx) {
                 Poll::Ready(Some(Event::Instances(set))) => this.apply(set),
                 Poll::Ready(Some(Event::Error(err))) => {
-                    tracing::warn!(error = %err, "discovery error: keeping the current services");
+                    tracing::warn!(error = %crate::Report(&err), "discovery error: keeping the current services");
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,

@@ -92,7 +92,7 @@ impl Event {
     /// use sd_core::{Error, Event};
     ///
     /// let ev = Event::from(Error::backend_msg("down"));
-    /// assert_eq!(ev.error().unwrap().to_string(), "backend error: down");
+    /// assert_eq!(ev.error().unwrap().to_string(), "down");
     /// assert!(Event::empty().error().is_none());
     /// ```
     pub fn error(&self) -> Option<&Error> {

@@ -127,7 +127,7 @@ pub(crate) fn make_or_skip<E, F: Factory<E> + ?Sized>(
     match catch_unwind(AssertUnwindSafe(|| factory.make(instance))) {
         Ok(Ok(made)) => Some(made),
         Ok(Err(err)) => {
-            tracing::warn!(%instance, error = %err, "factory failed: instance skipped until the next update");
+            tracing::warn!(%instance, error = %crate::Report(&err), "factory failed: instance skipped until the next update");
             None
         }
         Err(_) => {

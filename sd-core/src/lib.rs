@@ -60,7 +60,7 @@ pub use balancer::Balancer;
 pub use endpointer::{
     slots, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Slots, Snapshot,
 };
-pub use error::{BackendError, Error};
+pub use error::{BackendError, Error, Report};
 pub use event::{Event, EventStream};
 pub use factory::{endpoint_fn, factory, Closer, EndpointFn, Factory};
 pub use instance::Instance;

@@ -86,7 +86,7 @@ pub enum Error {
         after: Duration,
     },
     /// etcd (or the connection to it) failed an operation.
-    #[error("etcd {op} failed: {source}")]
+    #[error("etcd {op} failed")]
     Etcd {
         /// The operation.
         op: &'static str,

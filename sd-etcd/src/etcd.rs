@@ -259,7 +259,7 @@ impl EtcdClient {
         };
         inner.pinned.store(first, Ordering::Relaxed);
         for (i, e) in reasons {
-            tracing::warn!(endpoint = %inner.nodes[i].url, error = %e, "etcd endpoint down at connect");
+            tracing::warn!(endpoint = %inner.nodes[i].url, error = %sd_core::Report(&e), "etcd endpoint down at connect");
             inner.mark_dead(i);
         }
         if !probes.is_empty() {
@@ -267,7 +267,7 @@ impl EtcdClient {
             tokio::spawn(async move {
                 while let Some((i, r)) = probes.next().await {
                     if let (Err(e), Some(inner)) = (r, weak.upgrade()) {
-                        tracing::warn!(endpoint = %inner.nodes[i].url, error = %e, "etcd endpoint down at connect");
+                        tracing::warn!(endpoint = %inner.nodes[i].url, error = %sd_core::Report(&e), "etcd endpoint down at connect");
                         inner.mark_dead(i);
                     }
                 }
@@ -394,7 +394,7 @@ impl EtcdClient {
                     last = Some(e);
                 }
                 Ok(Err(e)) if e.is_retryable() => {
-                    tracing::debug!(endpoint = %inner.nodes[i].url, error = %e, op, "retryable etcd error");
+                    tracing::debug!(endpoint = %inner.nodes[i].url, error = %sd_core::Report(&e), op, "retryable etcd error");
                     inner.mark_dead(i);
                     last = Some(e);
                 }
@@ -647,7 +647,7 @@ fn watch_stream(st: WatchState) -> WatchStream {
                                 {
                                     // etcd-client does not refresh tokens for watches.
                                     if let Err(e) = st.client.refresh_token().await {
-                                        tracing::warn!(error = %e, "refreshing the etcd auth token failed");
+                                        tracing::warn!(error = %sd_core::Report(&e), "refreshing the etcd auth token failed");
                                     }
                                 }
                             }

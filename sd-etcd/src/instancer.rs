@@ -257,7 +257,7 @@ impl<C: Client> Watcher<C> {
     }
 
     fn publish_error(&mut self, e: Error) {
-        tracing::warn!(prefix = %self.prefix, error = %e, "etcd watch attempt failed");
+        tracing::warn!(prefix = %self.prefix, error = %sd_core::Report(&e), "etcd watch attempt failed");
         self.publisher.publish(Event::Error(e.into()));
         self.errored = true;
     }
@@ -379,7 +379,7 @@ impl<C: Client> Watcher<C> {
                         self.apply(b);
                     }
                     Err(e) => {
-                        tracing::debug!(prefix = %self.prefix, error = %e, "watch stream broke");
+                        tracing::debug!(prefix = %self.prefix, error = %sd_core::Report(&e), "watch stream broke");
                         ended = Some(Ended::Failed(e));
                         break;
                     }

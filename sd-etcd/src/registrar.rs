@@ -465,7 +465,7 @@ impl<C: Client + Clone> Pool<C> {
         if let Some(lease) = lease {
             // The keys are gone; a lease that outlives them holds nothing and expires at its TTL.
             if let Err(e) = self.client.revoke(lease).await {
-                tracing::warn!(lease, error = %e, "revoking the lease failed; it expires at its TTL");
+                tracing::warn!(lease, error = %sd_core::Report(&e), "revoking the lease failed; it expires at its TTL");
             }
         }
     }
@@ -485,7 +485,7 @@ impl<C: Client + Clone> Pool<C> {
         };
         let moved = moved.await;
         if let Err(e) = &moved {
-            tracing::warn!(key = %entry.key, error = %e, "could not leave the key to expire");
+            tracing::warn!(key = %entry.key, error = %sd_core::Report(e), "could not leave the key to expire");
         }
         lock(&self.state).forget(entry);
         // With nothing else on the shared lease, stop refreshing it. It holds no key once ours
@@ -709,7 +709,7 @@ async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
                 next = Instant::now();
             }
             Err(e) => {
-                tracing::warn!(error = %e, "keeping the registrations alive failed; retrying");
+                tracing::warn!(error = %sd_core::Report(&e), "keeping the registrations alive failed; retrying");
                 p.set_all(&RegistrationState::Retrying(e.into()));
                 failures += 1;
                 next = Instant::now() + backoff(failures, every);
@@ -744,7 +744,7 @@ impl<C: Client + Clone> Drop for EtcdRegistrar<C> {
             if self.revoke_on_drop {
                 rt.spawn(async move {
                     if let Err(e) = pool.remove(&entry).await {
-                        tracing::debug!(key = %entry.key, error = %e, "best-effort deregister on drop failed");
+                        tracing::debug!(key = %entry.key, error = %sd_core::Report(&e), "best-effort deregister on drop failed");
                     }
                 });
             } else {

@@ -64,5 +64,8 @@ mod thread_cache;
 
 pub use p2c::{InFlight, P2c};
 pub use random::Random;
-pub use retry::{AlwaysRetry, AttemptError, Retry, RetryCallback, RetryError, StopReason};
+pub use retry::{
+    decide_with, AlwaysRetry, AttemptError, DecideWith, Decision, Retry, RetryCallback, RetryError,
+    StopReason,
+};
 pub use round_robin::RoundRobin;

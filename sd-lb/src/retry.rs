@@ -238,8 +238,9 @@ impl<B: Balancer, C> Retry<B, C> {
     {
         let mut errors = Vec::new(); // allocates only on the first push
         let mut attempts = 0;
+        let mut replacement = None;
         let outcome = {
-            let mut run = pin!(self.attempts(&mut f, &mut errors, &mut attempts));
+            let mut run = pin!(self.attempts(&mut f, &mut errors, &mut attempts, &mut replacement));
             // Poll once before reading the clock and arming the timer: a call whose attempt
             // completes at once never pays for either (nor needs a runtime). The deadline runs
             // from here, the moment the call first has to wait.
@@ -259,6 +260,7 @@ impl<B: Balancer, C> Retry<B, C> {
             reason,
             attempts,
             deadline: self.deadline,
+            replacement,
         })
     }
 
@@ -267,6 +269,7 @@ impl<B: Balancer, C> Retry<B, C> {
         f: &mut F,
         errors: &mut Vec<AttemptError<Er>>,
         started: &mut usize,
+        replacement: &mut Option<Er>,
     ) -> Result<T, StopReason>
     where
         F: FnMut(B::Endpoint) -> Fut,
@@ -282,10 +285,15 @@ impl<B: Balancer, C> Retry<B, C> {
                 },
                 Err(e) => AttemptError::Balancer(e),
             };
-            let go_on = self.callback.retry(attempt, &err);
+            let decision = self.callback.decide(attempt, &err);
             errors.push(err);
-            if !go_on {
-                return Err(StopReason::Callback);
+            match decision {
+                Decision::Retry => {}
+                Decision::Stop => return Err(StopReason::Callback),
+                Decision::StopWith(e) => {
+                    *replacement = Some(e);
+                    return Err(StopReason::Callback);
+                }
             }
             if attempt < self.max {
                 if let Some(backoff) = self.backoff {
@@ -327,6 +335,81 @@ impl<B: fmt::Debug, C> fmt::Debug for Retry<B, C> {
 pub trait RetryCallback<Er> {
     /// Whether to make another attempt after attempt number `attempt` failed with `error`.
     fn retry(&self, attempt: usize, error: &AttemptError<Er>) -> bool;
+
+    /// The full decision after a failed attempt: go on, stop, or stop and make `Er` the call's
+    /// final error (go-kit's callback returning a replacement error). The default asks
+    /// [`retry`](Self::retry); [`decide_with`] makes a callback from a closure returning a
+    /// [`Decision`].
+    fn decide(&self, attempt: usize, error: &AttemptError<Er>) -> Decision<Er> {
+        if self.retry(attempt, error) {
+            Decision::Retry
+        } else {
+            Decision::Stop
+        }
+    }
+}
+
+/// What a [`RetryCallback`] decided after a failed attempt.
+///
+/// ```
+/// use sd_lb::{AttemptError, Decision, RetryCallback};
+///
+/// let only_twice = |attempt: usize, _: &AttemptError<&str>| attempt < 2;
+/// assert_eq!(only_twice.decide(1, &AttemptError::Call("x")), Decision::Retry);
+/// assert_eq!(only_twice.decide(2, &AttemptError::Call("x")), Decision::Stop);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<Er> {
+    /// Make another attempt (within `max` and the deadline).
+    Retry,
+    /// Stop; the call fails with every attempt's error ([`StopReason::Callback`]).
+    Stop,
+    /// Stop, and make this the call's final error ([`RetryError::final_error`], the error's
+    /// `source()`).
+    StopWith(Er),
+}
+
+/// A [`RetryCallback`] from a closure that returns a [`Decision`] (see [`decide_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DecideWith<F>(F);
+
+/// A callback that decides with `f`, which may replace the call's final error.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_core::FixedEndpointer;
+/// use sd_lb::{decide_with, AttemptError, Decision, Retry, RoundRobin};
+///
+/// # futures::executor::block_on(async {
+/// let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 5, Duration::from_secs(1))
+///     .unwrap()
+///     .with_callback(decide_with(|_: usize, e: &AttemptError<String>| match e.call_error() {
+///         Some(msg) if msg.as_str() == "401" => Decision::StopWith(String::from("not authorized: stop")),
+///         _ => Decision::Retry,
+///     }));
+/// let err = retry.call(|_| async { Err::<(), _>(String::from("401")) }).await.unwrap_err();
+/// assert_eq!(err.attempts(), 1);
+/// assert_eq!(err.final_error().map(String::as_str), Some("not authorized: stop"));
+/// # });
+/// ```
+pub fn decide_with<Er, F>(f: F) -> DecideWith<F>
+where
+    F: Fn(usize, &AttemptError<Er>) -> Decision<Er>,
+{
+    DecideWith(f)
+}
+
+impl<Er, F> RetryCallback<Er> for DecideWith<F>
+where
+    F: Fn(usize, &AttemptError<Er>) -> Decision<Er>,
+{
+    fn retry(&self, attempt: usize, error: &AttemptError<Er>) -> bool {
+        matches!((self.0)(attempt, error), Decision::Retry)
+    }
+
+    fn decide(&self, attempt: usize, error: &AttemptError<Er>) -> Decision<Er> {
+        (self.0)(attempt, error)
+    }
 }
 
 impl<Er, F> RetryCallback<Er> for F
@@ -367,11 +450,11 @@ impl<Er> RetryCallback<Er> for AlwaysRetry {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AttemptError<Er> {
-    /// The balancer could not pick an endpoint.
-    #[error("no endpoint to call: {0}")]
-    Balancer(Error),
-    /// The call returned this error.
-    #[error("{0}")]
+    /// The balancer could not pick an endpoint (the balancer's error is the `source()`).
+    #[error("no endpoint to call")]
+    Balancer(#[source] Error),
+    /// The call returned this error (message and `source()` are the call error's own).
+    #[error(transparent)]
     Call(Er),
 }
 
@@ -429,19 +512,22 @@ pub enum StopReason {
 
 /// The error of [`Retry::call`]: every attempt's error, in order, and why retrying stopped.
 ///
-/// Its message says what happened, how many attempts ran, and the last error.
+/// Its message says what happened and how many attempts ran; its `source()` is the last
+/// attempt's error (when the call's error type is an `Error`). [`sd_core::Report`] prints both.
 ///
 /// ```
 /// use std::time::Duration;
-/// use sd_core::FixedEndpointer;
+/// use sd_core::{FixedEndpointer, Report};
 /// use sd_lb::{AttemptError, Retry, RoundRobin, StopReason};
 ///
 /// # futures::executor::block_on(async {
 /// let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 2, Duration::from_secs(1)).unwrap();
-/// let err = retry.call(|_| async { Err::<(), _>("refused") }).await.unwrap_err();
-/// assert_eq!(err.to_string(), "all 2 attempts failed; last error: refused");
+/// let refused = || std::io::Error::other("refused");
+/// let err = retry.call(|_| async { Err::<(), _>(refused()) }).await.unwrap_err();
+/// assert_eq!(err.to_string(), "all 2 attempts failed");
+/// assert_eq!(Report(&err).to_string(), "all 2 attempts failed: refused");
 /// assert_eq!(err.reason(), StopReason::MaxAttempts);
-/// assert!(matches!(err.last(), Some(AttemptError::Call("refused"))));
+/// assert!(matches!(err.last(), Some(AttemptError::Call(e)) if e.to_string() == "refused"));
 /// # });
 /// ```
 #[derive(Debug)]
@@ -451,9 +537,30 @@ pub struct RetryError<Er> {
     reason: StopReason,
     attempts: usize,
     deadline: Duration,
+    /// The error the callback chose as the final one ([`Decision::StopWith`]).
+    replacement: Option<Er>,
 }
 
 impl<Er> RetryError<Er> {
+    /// The call's final error: the one the callback chose ([`Decision::StopWith`]), else the
+    /// last call error, if the last attempt got as far as a call.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use sd_core::FixedEndpointer;
+    /// # use sd_lb::{Retry, RoundRobin};
+    /// # futures::executor::block_on(async {
+    /// # let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 2, Duration::from_secs(1)).unwrap();
+    /// let err = retry.call(|_| async { Err::<(), _>("refused") }).await.unwrap_err();
+    /// assert_eq!(err.final_error(), Some(&"refused"));
+    /// # });
+    /// ```
+    pub fn final_error(&self) -> Option<&Er> {
+        self.replacement
+            .as_ref()
+            .or_else(|| self.errors.last().and_then(AttemptError::call_error))
+    }
+
     /// Why retrying stopped.
     ///
     /// ```
@@ -557,14 +664,22 @@ impl<Er: fmt::Display> fmt::Display for RetryError<Er> {
                 self.errors.len()
             )?,
         }
-        if let Some(last) = self.errors.last() {
-            write!(f, "; last error: {last}")?;
-        }
         Ok(())
     }
 }
 
-impl<Er: fmt::Debug + fmt::Display> std::error::Error for RetryError<Er> {}
+/// The `source()` is the error the callback chose as final, else the last attempt's error.
+impl<Er: std::error::Error + 'static> std::error::Error for RetryError<Er> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.replacement {
+            Some(e) => Some(e),
+            None => self
+                .errors
+                .last()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -621,9 +736,10 @@ mod tests {
                 "endpoint 3 refused"
             ]
         );
+        assert_eq!(err.to_string(), "all 3 attempts failed");
         assert_eq!(
-            err.to_string(),
-            "all 3 attempts failed; last error: endpoint 3 refused"
+            err.last().map(|e| e.to_string()).as_deref(),
+            Some("endpoint 3 refused")
         );
     }
 
@@ -657,7 +773,15 @@ mod tests {
             .errors()
             .iter()
             .all(|e| matches!(e.balancer_error(), Some(Error::NoEndpoints { .. }))));
-        assert!(err.to_string().contains("no endpoints available"), "{err}");
+        let last = err
+            .last()
+            .and_then(|e| e.balancer_error())
+            .map(|e| e.to_string());
+        assert!(
+            last.as_deref()
+                .is_some_and(|m| m.contains("no endpoints available")),
+            "{last:?}"
+        );
     }
 
     #[tokio::test]
@@ -742,7 +866,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "the retry deadline of 300ms passed during attempt 2 (1 failed before); last error: refused"
+            "the retry deadline of 300ms passed during attempt 2 (1 failed before)"
         );
     }
 

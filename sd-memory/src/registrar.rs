@@ -146,7 +146,7 @@ async fn heartbeat(
         match result {
             Ok(()) => st.state = RegistrationState::Registered,
             Err(e) => {
-                tracing::warn!(key = %service.key, error = %e, "heartbeat failed; retrying");
+                tracing::warn!(key = %service.key, error = %sd_core::Report(&e), "heartbeat failed; retrying");
                 st.state = RegistrationState::Retrying(e);
             }
         }

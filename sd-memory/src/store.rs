@@ -477,16 +477,42 @@ impl MemoryStore {
         self.inner.lock().leases.contains_key(&lease)
     }
 
-    /// Makes the next `n` operations (puts, deletes, reads, grants, keep-alives, revokes) fail,
-    /// replacing any count still pending. They are the next `n` of any caller, a registrar's
-    /// background heartbeats included: with heartbeats running, which call fails depends on
-    /// timing (pause tokio time, or use [`set_available`](Self::set_available), to be exact).
+    /// Makes the next `n` operations (puts, deletes, reads, grants, keep-alives, revokes, and a
+    /// broken watch's reconnect attempts) fail, replacing any count still pending. They are the
+    /// next `n` of any caller, a registrar's background heartbeats included: with heartbeats
+    /// running, which call fails depends on timing (pause tokio time, or use
+    /// [`set_available`](Self::set_available), to be exact).
     ///
     /// ```
     /// let store = sd_memory::MemoryStore::new();
     /// store.fail_next(1);
     /// assert!(store.put("/k", "v").is_err());
     /// assert!(store.put("/k", "v").is_ok());
+    /// ```
+    ///
+    /// With [`break_watches`](Self::break_watches), each failed reconnect is an error event, and
+    /// watchers try again after the reconnect delay:
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use sd_core::Instancer;
+    /// use sd_memory::{MemoryInstancer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = MemoryStore::new();
+    /// store.put("/svc/a", "a:1").unwrap();
+    /// let instancer = MemoryInstancer::new(&store, "/svc/").unwrap();
+    /// let mut events = instancer.subscribe();
+    /// events.next().await;
+    /// store.break_watches();
+    /// store.fail_next(1);
+    /// let broken = events.next().await.unwrap();
+    /// assert!(broken.error().unwrap().to_string().contains("broken"));
+    /// let failed_reconnect = events.next().await.unwrap();
+    /// assert!(failed_reconnect.error().unwrap().to_string().contains("injected"));
+    /// assert_eq!(events.next().await.unwrap().instances().unwrap(), &["a:1"]);
+    /// # }
     /// ```
     pub fn fail_next(&self, n: usize) {
         self.inner.lock().fail_next = n;
@@ -523,11 +549,25 @@ impl MemoryStore {
         drop(state);
         let inner = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            sleep(RECONNECT_DELAY).await;
-            if let Some(inner) = inner.upgrade() {
+            loop {
+                sleep(RECONNECT_DELAY).await;
+                let Some(inner) = inner.upgrade() else { return };
                 let mut state = inner.lock();
-                if state.available {
-                    state.notify_all();
+                if !state.available {
+                    // `set_available(true)` publishes the set when the store comes back.
+                    return;
+                }
+                match state.check("watch reconnect") {
+                    Ok(()) => {
+                        state.notify_all();
+                        return;
+                    }
+                    Err(e) => {
+                        state.watchers.retain(|w| w.strong_count() > 0);
+                        for w in state.watchers.iter().filter_map(Weak::upgrade) {
+                            w.publisher.publish(Event::Error(e.clone()));
+                        }
+                    }
                 }
             }
         });

@@ -69,7 +69,10 @@ where
             .await
         {
             Ok(reply) => println!("call         {reply}"),
-            Err(e) => println!("call         request {r:>2} failed: {e}"),
+            Err(e) => println!(
+                "call         request {r:>2} failed: {}",
+                examples::retry_failure(&e)
+            ),
         }
     }
 }
@@ -117,7 +120,7 @@ async fn main() -> ExitCode {
         Some(endpoints) => match EtcdClient::connect(&endpoints, ClientOptions::new()).await {
             Ok(client) => Backend::Etcd(client),
             Err(e) => {
-                eprintln!("demo: {e}");
+                eprintln!("demo: {}", sd_core::Report(&e));
                 return ExitCode::FAILURE;
             }
         },
@@ -125,7 +128,7 @@ async fn main() -> ExitCode {
     match run(backend).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo failed: {e}");
+            eprintln!("demo failed: {}", sd_core::Report(&e));
             ExitCode::FAILURE
         }
     }
@@ -163,7 +166,7 @@ async fn run(backend: Backend) -> Result<(), Error> {
         while let Some(event) = changes.next().await {
             match event {
                 Event::Instances(set) => println!("instances    {:?}", set),
-                Event::Error(e) => println!("discovery error: {e}"),
+                Event::Error(e) => println!("discovery error: {}", sd_core::Report(&e)),
             }
         }
     });
@@ -184,7 +187,10 @@ async fn run(backend: Backend) -> Result<(), Error> {
         Duration::from_secs(1),
     )?
     .with_callback(|attempt: usize, err: &AttemptError<String>| {
-        println!("  attempt {attempt} failed: {err}; trying the next instance");
+        println!(
+            "  attempt {attempt} failed: {}; trying the next instance",
+            examples::attempt_failure(err)
+        );
         true
     });
 

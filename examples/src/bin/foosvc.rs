@@ -73,7 +73,7 @@ async fn main() -> ExitCode {
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("foosvc: {e}");
+            eprintln!("foosvc: {}", sd_core::Report(&e));
             ExitCode::FAILURE
         }
     }
@@ -159,13 +159,13 @@ async fn serve(
             _ = &mut deadline => { println!("--run-for elapsed: shutting down"); break; }
             change = changes.next() => match change {
                 Some(Event::Instances(set)) => println!("barsvc instances: {:?}", set),
-                Some(Event::Error(e)) => println!("barsvc discovery error: {e}"),
+                Some(Event::Error(e)) => println!("barsvc discovery error: {}", sd_core::Report(&e)),
                 None => break,
             },
             _ = calls.tick() => {
                 match retry.call(|bar: BarEndpoint| async move { bar.call().await }).await {
                     Ok(reply) => println!("call: {reply}"),
-                    Err(e) => println!("call failed: {e}"),
+                    Err(e) => println!("call failed: {}", examples::retry_failure(&e)),
                 }
             }
         }

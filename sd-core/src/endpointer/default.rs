@@ -528,7 +528,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
                 self.update(set);
             }
             Event::Error(err) => {
-                tracing::warn!(error = %err, "discovery error: serving the last known endpoints");
+                tracing::warn!(error = %crate::Report(&err), "discovery error: serving the last known endpoints");
                 if self.invalidate_at.is_none() && self.shared.lock().error.is_none() {
                     // A timeout too long to represent (e.g. `Duration::MAX`) never fires.
                     self.invalidate_at = self

@@ -144,7 +144,7 @@ impl<E> Snapshot<E> {
     ///
     /// let err = Some(Arc::new(Error::backend_msg("down")));
     /// let snap = Snapshot::<u8>::new(0, Slots::new(), Slots::new(), err);
-    /// assert_eq!(snap.error().unwrap().to_string(), "backend error: down");
+    /// assert_eq!(snap.error().unwrap().to_string(), "down");
     /// ```
     pub fn error(&self) -> Option<&Arc<Error>> {
         self.error.as_ref()
