@@ -547,6 +547,36 @@ pub fn violated(rule: &str, details: impl std::fmt::Display) -> ! {
     panic!("conformance rule `{rule}` violated: {details}")
 }
 
+/// Runs one case and makes any failure of it name `rule`: a panic that does not already say
+/// which rule it broke (a failed wait, a failed call) is raised again as
+/// `conformance rule `<rule>` violated: <message>`. [`conformance_tests!`](crate::conformance_tests)
+/// runs every case through it.
+///
+/// ```
+/// use futures::FutureExt;
+///
+/// # futures::executor::block_on(async {
+/// let failed = sd_core::testkit::check("some_rule", async { panic!("not seen") })
+///     .catch_unwind()
+///     .await
+///     .unwrap_err();
+/// let message = failed.downcast_ref::<String>().unwrap();
+/// assert_eq!(message, "conformance rule `some_rule` violated: not seen");
+/// # });
+/// ```
+pub async fn check<F: std::future::Future<Output = ()>>(rule: &str, case: F) {
+    if let Err(panic) = std::panic::AssertUnwindSafe(case).catch_unwind().await {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        match message {
+            Some(m) if !m.starts_with("conformance rule `") => violated(rule, m),
+            _ => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
 /// The first item of a fresh instancer of `prefix` (what the store holds now).
 async fn current<H: Harness + ?Sized>(h: &H, prefix: &str) -> Option<Event> {
     let fresh = instancer(h, prefix).await;
@@ -953,7 +983,11 @@ macro_rules! conformance_tests {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let harness = $harness.await;
-                $crate::testkit::$case(&harness).await;
+                $crate::testkit::check(
+                    ::core::stringify!($case),
+                    $crate::testkit::$case(&harness),
+                )
+                .await;
             }
         )*
     };

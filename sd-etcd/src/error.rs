@@ -281,6 +281,30 @@ mod tests {
         assert!(e.to_string().contains("/nope/ca.pem"));
     }
 
+    /// A caller holding an `sd_core::Error` can tell a lost lease or an auth failure apart,
+    /// also when it is the discovery error behind `NoEndpoints`.
+    #[test]
+    fn the_etcd_error_is_reachable_from_core() {
+        let core = sd_core::Error::from(Error::LeaseNotFound(0x2a));
+        assert!(matches!(
+            core.downcast_ref::<Error>(),
+            Some(Error::LeaseNotFound(0x2a))
+        ));
+        assert_eq!(core.to_string(), Error::LeaseNotFound(0x2a).to_string());
+        let behind = sd_core::Error::NoEndpoints {
+            last_error: Some(Arc::new(Error::Auth("wrong password".into()).into())),
+        };
+        assert!(matches!(
+            behind.downcast_ref::<Error>(),
+            Some(Error::Auth(_))
+        ));
+        let chain = sd_core::Report(&behind).to_string();
+        assert!(
+            chain.contains("discovery is failing: etcd authentication failed"),
+            "{chain}"
+        );
+    }
+
     #[test]
     fn conversion_to_core() {
         assert!(matches!(

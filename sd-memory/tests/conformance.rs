@@ -76,6 +76,98 @@ mod kit_catches {
         TaskOutlivesStop,
         /// The instancer sends an error event now and then on a healthy store.
         SpuriousErrors,
+        /// After a store failure the instancer goes back to the set it had before it.
+        KeepsOldSet,
+        /// A prefix without its trailing `/` is accepted (with one added).
+        AddsTheSlash,
+        /// `register()` returns, saying `Registered`, before the key is in the store.
+        RegisteredTooEarly,
+        /// A second `register()` fails.
+        RegistersOnce,
+    }
+
+    /// Republishes a correct instancer's events, but after an error event shows the set it had
+    /// before the error instead of the store's.
+    struct Stale {
+        publisher: std::sync::Arc<sd_core::Publisher>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Stale {
+        fn new(inner: MemoryInstancer) -> Self {
+            let mut events = inner.subscribe();
+            let publisher = std::sync::Arc::new(sd_core::Publisher::new(Event::empty()));
+            let out = publisher.clone();
+            let task = tokio::spawn(async move {
+                let _inner = inner;
+                let mut last_good = Event::empty();
+                let mut after_error = false;
+                while let Some(ev) = events.next().await {
+                    if ev.error().is_some() {
+                        after_error = true;
+                        out.publish(ev);
+                    } else if after_error {
+                        after_error = false;
+                        out.publish(last_good.clone());
+                    } else {
+                        last_good = ev.clone();
+                        out.publish(ev);
+                    }
+                }
+            });
+            Stale { publisher, task }
+        }
+    }
+
+    impl Instancer for Stale {
+        fn subscribe(&self) -> EventStream {
+            self.publisher.subscribe()
+        }
+        fn stop(&self) {
+            self.task.abort();
+            self.publisher.stop();
+        }
+    }
+
+    /// Says `Registered` at once and puts the key a moment later; or refuses a second
+    /// `register()`.
+    struct Hasty {
+        store: MemoryStore,
+        service: Service,
+        fault: Fault,
+        registered: Mutex<bool>,
+    }
+
+    #[async_trait]
+    impl Registrar for Hasty {
+        async fn register(&self) -> Result<(), Error> {
+            let mut registered = self.registered.lock().unwrap();
+            if *registered && self.fault == Fault::RegistersOnce {
+                return Err(Error::backend_msg("already registered"));
+            }
+            *registered = true;
+            if self.fault == Fault::RegisteredTooEarly {
+                let (store, service) = (self.store.clone(), self.service.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = store.put(&service.key, &service.value);
+                });
+                return Ok(());
+            }
+            self.store.put(&self.service.key, &self.service.value)
+        }
+        async fn deregister(&self) -> Result<(), Error> {
+            *self.registered.lock().unwrap() = false;
+            self.store
+                .delete_if_value(&self.service.key, &self.service.value)
+                .map(drop)
+        }
+        fn state(&self) -> RegistrationState {
+            match *self.registered.lock().unwrap() {
+                true => RegistrationState::Registered,
+                false => RegistrationState::Unregistered,
+            }
+        }
     }
 
     /// A registrar with its own heartbeat task, broken one of two ways.
@@ -276,6 +368,12 @@ mod kit_catches {
                     store,
                     key: service.key,
                 })),
+                Fault::RegisteredTooEarly | Fault::RegistersOnce => Ok(Box::new(Hasty {
+                    store,
+                    service,
+                    fault: self.fault,
+                    registered: Mutex::new(false),
+                })),
                 _ => self.memory.registrar(service).await,
             }
         }
@@ -299,6 +397,13 @@ mod kit_catches {
                     &self.memory.store,
                     prefix,
                 )?))),
+                Fault::KeepsOldSet => Ok(Box::new(Stale::new(MemoryInstancer::new(
+                    &self.memory.store,
+                    prefix,
+                )?))),
+                Fault::AddsTheSlash if !prefix.ends_with('/') => {
+                    self.memory.instancer(&format!("{prefix}/")).await
+                }
                 _ => self.memory.instancer(prefix).await,
             }
         }
@@ -318,10 +423,6 @@ mod kit_catches {
             memory: MemoryHarness { store },
             fault,
         }
-    }
-
-    async fn fails<F: std::future::Future<Output = ()>>(case: F) -> bool {
-        AssertUnwindSafe(case).catch_unwind().await.is_err()
     }
 
     /// Runs `case` and checks that it fails naming `rule`.
@@ -378,6 +479,46 @@ mod kit_catches {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instancer_that_keeps_its_old_set_after_a_failure() {
+        let h = broken(Fault::KeepsOldSet);
+        fails_naming(
+            "healed_store_is_reread",
+            testkit::healed_store_is_reread(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prefix_without_its_slash_accepted() {
+        let h = broken(Fault::AddsTheSlash);
+        fails_naming(
+            "prefix_must_end_in_slash",
+            testkit::prefix_must_end_in_slash(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registered_before_the_key_is_readable() {
+        let h = broken(Fault::RegisteredTooEarly);
+        fails_naming(
+            "registered_means_readable",
+            testkit::registered_means_readable(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_register_that_fails() {
+        let h = broken(Fault::RegistersOnce);
+        fails_naming(
+            "register_is_idempotent",
+            testkit::register_is_idempotent(&h),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spurious_error_events() {
         let h = broken(Fault::SpuriousErrors);
         fails_naming("no_spurious_events", testkit::no_spurious_events(&h)).await;
@@ -386,18 +527,27 @@ mod kit_catches {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_registrar_that_never_heartbeats() {
         let h = broken(Fault::NoHeartbeat);
-        assert!(fails(testkit::ttl_expiry_removes_crashed_instance(&h)).await);
+        let rule = "ttl_expiry_removes_crashed_instance";
+        let case = testkit::ttl_expiry_removes_crashed_instance(&h);
+        fails_naming(rule, testkit::check(rule, case)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_after_stop_that_yields_the_last_state() {
         let h = broken(Fault::StaleAfterStop);
-        assert!(fails(testkit::stop_ends_all_streams(&h)).await);
+        let rule = "stop_ends_all_streams";
+        fails_naming(
+            rule,
+            testkit::check(rule, testkit::stop_ends_all_streams(&h)),
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_failure_subscribers_never_hear_of() {
         let h = broken(Fault::SilentStore);
-        assert!(fails(testkit::store_error_reaches_subscribers(&h)).await);
+        let rule = "store_error_reaches_subscribers";
+        let case = testkit::store_error_reaches_subscribers(&h);
+        fails_naming(rule, testkit::check(rule, case)).await;
     }
 }
