@@ -86,49 +86,6 @@ mod kit_catches {
         RegistersOnce,
     }
 
-    /// Republishes a correct instancer's events, but after an error event shows the set it had
-    /// before the error instead of the store's.
-    struct Stale {
-        publisher: std::sync::Arc<sd_core::Publisher>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Stale {
-        fn new(inner: MemoryInstancer) -> Self {
-            let mut events = inner.subscribe();
-            let publisher = std::sync::Arc::new(sd_core::Publisher::new(Event::empty()));
-            let out = publisher.clone();
-            let task = tokio::spawn(async move {
-                let _inner = inner;
-                let mut last_good = Event::empty();
-                let mut after_error = false;
-                while let Some(ev) = events.next().await {
-                    if ev.error().is_some() {
-                        after_error = true;
-                        out.publish(ev);
-                    } else if after_error {
-                        after_error = false;
-                        out.publish(last_good.clone());
-                    } else {
-                        last_good = ev.clone();
-                        out.publish(ev);
-                    }
-                }
-            });
-            Stale { publisher, task }
-        }
-    }
-
-    impl Instancer for Stale {
-        fn subscribe(&self) -> EventStream {
-            self.publisher.subscribe()
-        }
-        fn stop(&self) {
-            self.task.abort();
-            self.publisher.stop();
-        }
-    }
-
     /// Says `Registered` at once and puts the key a moment later; or refuses a second
     /// `register()`.
     struct Hasty {
@@ -255,19 +212,32 @@ mod kit_catches {
         }
     }
 
-    /// Republishes a correct instancer's events, with an error event every 700 ms.
-    struct Noisy {
+    /// A correct instancer's events, passed through `relay` (a task of its own) into a publisher
+    /// of the wrapper's: the base of two broken instancers.
+    struct Relayed {
         publisher: std::sync::Arc<sd_core::Publisher>,
         task: tokio::task::JoinHandle<()>,
     }
 
-    impl Noisy {
-        fn new(inner: MemoryInstancer) -> Self {
-            let mut events = inner.subscribe();
+    impl Relayed {
+        fn new<F, Fut>(inner: MemoryInstancer, relay: F) -> Self
+        where
+            F: FnOnce(EventStream, std::sync::Arc<sd_core::Publisher>) -> Fut,
+            Fut: std::future::Future<Output = ()> + Send + 'static,
+        {
+            let events = inner.subscribe();
             let publisher = std::sync::Arc::new(sd_core::Publisher::new(Event::empty()));
-            let out = publisher.clone();
+            let relay = relay(events, publisher.clone());
             let task = tokio::spawn(async move {
                 let _inner = inner;
+                relay.await
+            });
+            Relayed { publisher, task }
+        }
+
+        /// Adds an error event every 700 ms, each followed by the last state again.
+        fn noisy(inner: MemoryInstancer) -> Self {
+            Self::new(inner, |mut events, out| async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(700));
                 let mut last = Event::empty();
                 loop {
@@ -282,12 +252,31 @@ mod kit_catches {
                         }
                     }
                 }
-            });
-            Noisy { publisher, task }
+            })
+        }
+
+        /// After an error event, shows the set from before the error instead of the store's.
+        fn stale(inner: MemoryInstancer) -> Self {
+            Self::new(inner, |mut events, out| async move {
+                let mut last_good = Event::empty();
+                let mut after_error = false;
+                while let Some(ev) = events.next().await {
+                    if ev.error().is_some() {
+                        after_error = true;
+                        out.publish(ev);
+                    } else if after_error {
+                        after_error = false;
+                        out.publish(last_good.clone());
+                    } else {
+                        last_good = ev.clone();
+                        out.publish(ev);
+                    }
+                }
+            })
         }
     }
 
-    impl Instancer for Noisy {
+    impl Instancer for Relayed {
         fn subscribe(&self) -> EventStream {
             self.publisher.subscribe()
         }
@@ -393,11 +382,11 @@ mod kit_catches {
                     });
                     Ok(Box::new(Leaky(inner)))
                 }
-                Fault::SpuriousErrors => Ok(Box::new(Noisy::new(MemoryInstancer::new(
+                Fault::SpuriousErrors => Ok(Box::new(Relayed::noisy(MemoryInstancer::new(
                     &self.memory.store,
                     prefix,
                 )?))),
-                Fault::KeepsOldSet => Ok(Box::new(Stale::new(MemoryInstancer::new(
+                Fault::KeepsOldSet => Ok(Box::new(Relayed::stale(MemoryInstancer::new(
                     &self.memory.store,
                     prefix,
                 )?))),
@@ -442,112 +431,31 @@ mod kit_catches {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_heartbeat_that_outlives_deregister() {
-        let h = broken(Fault::BeatsAfterDeregister);
-        fails_naming("deregister_is_final", testkit::deregister_is_final(&h)).await;
+    /// One test per broken backend: the kit's case for the rule it breaks must fail, naming
+    /// that rule.
+    macro_rules! kit_fails {
+        ($($test:ident: $fault:ident => $case:ident;)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let h = broken(Fault::$fault);
+                let rule = stringify!($case);
+                fails_naming(rule, testkit::check(rule, testkit::$case(&h))).await;
+            }
+        )*};
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_heartbeat_that_gives_up_silently() {
-        let h = broken(Fault::GivesUpSilently);
-        fails_naming(
-            "failing_heartbeat_is_reported",
-            testkit::failing_heartbeat_is_reported(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_deregister_that_deletes_another_registrars_value() {
-        let h = broken(Fault::DeletesAnyValue);
-        fails_naming(
-            "deregister_removes_only_our_value",
-            testkit::deregister_removes_only_our_value(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_task_that_outlives_stop() {
-        let h = broken(Fault::TaskOutlivesStop);
-        fails_naming(
-            "stop_ends_background_work",
-            testkit::stop_ends_background_work(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_instancer_that_keeps_its_old_set_after_a_failure() {
-        let h = broken(Fault::KeepsOldSet);
-        fails_naming(
-            "healed_store_is_reread",
-            testkit::healed_store_is_reread(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_prefix_without_its_slash_accepted() {
-        let h = broken(Fault::AddsTheSlash);
-        fails_naming(
-            "prefix_must_end_in_slash",
-            testkit::prefix_must_end_in_slash(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn registered_before_the_key_is_readable() {
-        let h = broken(Fault::RegisteredTooEarly);
-        fails_naming(
-            "registered_means_readable",
-            testkit::registered_means_readable(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_second_register_that_fails() {
-        let h = broken(Fault::RegistersOnce);
-        fails_naming(
-            "register_is_idempotent",
-            testkit::register_is_idempotent(&h),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn spurious_error_events() {
-        let h = broken(Fault::SpuriousErrors);
-        fails_naming("no_spurious_events", testkit::no_spurious_events(&h)).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_registrar_that_never_heartbeats() {
-        let h = broken(Fault::NoHeartbeat);
-        let rule = "ttl_expiry_removes_crashed_instance";
-        let case = testkit::ttl_expiry_removes_crashed_instance(&h);
-        fails_naming(rule, testkit::check(rule, case)).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stream_after_stop_that_yields_the_last_state() {
-        let h = broken(Fault::StaleAfterStop);
-        let rule = "stop_ends_all_streams";
-        fails_naming(
-            rule,
-            testkit::check(rule, testkit::stop_ends_all_streams(&h)),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_store_failure_subscribers_never_hear_of() {
-        let h = broken(Fault::SilentStore);
-        let rule = "store_error_reaches_subscribers";
-        let case = testkit::store_error_reaches_subscribers(&h);
-        fails_naming(rule, testkit::check(rule, case)).await;
+    kit_fails! {
+        a_registrar_that_never_heartbeats: NoHeartbeat => ttl_expiry_removes_crashed_instance;
+        a_stream_after_stop_that_yields_the_last_state: StaleAfterStop => stop_ends_all_streams;
+        a_store_failure_subscribers_never_hear_of: SilentStore => store_error_reaches_subscribers;
+        a_heartbeat_that_outlives_deregister: BeatsAfterDeregister => deregister_is_final;
+        a_heartbeat_that_gives_up_silently: GivesUpSilently => failing_heartbeat_is_reported;
+        a_deregister_that_deletes_another_registrars_value: DeletesAnyValue => deregister_removes_only_our_value;
+        a_task_that_outlives_stop: TaskOutlivesStop => stop_ends_background_work;
+        spurious_error_events: SpuriousErrors => no_spurious_events;
+        an_instancer_that_keeps_its_old_set_after_a_failure: KeepsOldSet => healed_store_is_reread;
+        a_prefix_without_its_slash_accepted: AddsTheSlash => prefix_must_end_in_slash;
+        registered_before_the_key_is_readable: RegisteredTooEarly => registered_means_readable;
+        a_second_register_that_fails: RegistersOnce => register_is_idempotent;
     }
 }
