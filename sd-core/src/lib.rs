@@ -63,7 +63,7 @@ pub use endpointer::{
 pub use error::{BackendError, Error, Report};
 pub use event::{Event, EventStream};
 pub use factory::{endpoint_fn, factory, Closer, EndpointFn, Factory};
-pub use instance::Instance;
+pub use instance::{Instance, Metadata, ValueFormat};
 pub use instance_set::{Change, InstanceSet};
 pub use instancer::{Instancer, Publisher};
 pub use registrar::{Registrar, RegistrationState, Service, TtlOption, MIN_HEARTBEAT};

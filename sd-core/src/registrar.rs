@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::Error;
+use crate::{Error, Metadata, ValueFormat};
 
 /// The shortest heartbeat a [`TtlOption`] accepts.
 ///
@@ -141,6 +141,26 @@ impl Service {
     pub fn with_ttl(mut self, ttl: TtlOption) -> Self {
         self.ttl = Some(ttl);
         self
+    }
+
+    /// The same service, its value (the address) stored with `meta` in `format`: etcd's naming
+    /// JSON (which Go's `naming/endpoints` manager and gRPC's etcd resolver read) or this
+    /// project's. Plain, the default, has no room for metadata (go-kit clients read only plain
+    /// values).
+    ///
+    /// ```
+    /// use sd_core::{Instance, Metadata, Service, ValueFormat};
+    ///
+    /// let meta = Metadata::new().with_weight(2).unwrap().with_zone("eu-1");
+    /// let svc = Service::new("/svc/foo/1", "10.0.0.1:80").unwrap()
+    ///     .with_metadata(meta.clone(), ValueFormat::EtcdNaming).unwrap();
+    /// assert_eq!(svc.value, r#"{"Op":0,"Addr":"10.0.0.1:80","Metadata":{"weight":2,"zone":"eu-1"}}"#);
+    /// let seen = Instance::from_value(&svc.value).unwrap();
+    /// assert_eq!((seen.addr(), seen.metadata()), ("10.0.0.1:80", &meta));
+    /// ```
+    pub fn with_metadata(mut self, meta: Metadata, format: ValueFormat) -> Result<Self, Error> {
+        self.value = format.encode(&self.value, &meta)?;
+        Ok(self)
     }
 
     /// Checks what the fields, being public, may have been set to: a non-empty key and value.

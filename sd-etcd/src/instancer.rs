@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ pub struct EtcdInstancer {
     prefix: String,
     publisher: Arc<Publisher>,
     task: JoinHandle<()>,
+    invalid: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for EtcdInstancer {
@@ -73,6 +75,7 @@ impl EtcdInstancer {
         }
         let (kvs, header) = client.get_prefix(&prefix).await?;
         let mut state = State::default();
+        let invalid = state.invalid.clone();
         state.replace(kvs, &prefix);
         let publisher = Arc::new(Publisher::new(state.event()));
         let watcher = Watcher {
@@ -89,7 +92,21 @@ impl EtcdInstancer {
             prefix,
             publisher,
             task,
+            invalid,
         })
+    }
+
+    /// How many stored values this instancer has skipped because they were not instances: not
+    /// UTF-8, or JSON that is invalid or has no address (see [`sd_core::ValueFormat`]). Each is
+    /// logged with its key; the other keys are unaffected.
+    ///
+    /// ```no_run
+    /// # fn f(i: &sd_etcd::EtcdInstancer) {
+    /// assert_eq!(i.invalid_values(), 0);
+    /// # }
+    /// ```
+    pub fn invalid_values(&self) -> u64 {
+        self.invalid.load(Ordering::Relaxed)
     }
 
     /// The watched prefix.
@@ -144,32 +161,39 @@ struct State {
     /// for such values, which are rare: no per-instance count).
     extra: HashMap<Instance, usize>,
     set: InstanceSet,
+    /// Values skipped as not instances, counted for [`EtcdInstancer::invalid_values`].
+    invalid: Arc<AtomicU64>,
     /// Whether the distinct set changed since the last [`event`](Self::event).
     dirty: bool,
 }
 
 impl State {
-    /// The instance a stored value names: `None` for an empty value or one that is not UTF-8
-    /// (skipped with a warning: an instance is a string).
-    fn instance_of(key: &[u8], value: &[u8], prefix: &str) -> Option<Instance> {
+    /// The instance a stored value names (in any [`sd_core::ValueFormat`]): `None` for an empty
+    /// value, and, skipped with a warning and counted, for one that is not UTF-8 or not an
+    /// instance (invalid JSON, no address).
+    fn instance_of(&self, key: &[u8], value: &[u8], prefix: &str) -> Option<Instance> {
         if value.is_empty() {
             return None;
         }
-        match std::str::from_utf8(value) {
-            Ok(s) => Some(Instance::new(s)),
-            Err(_) => {
-                tracing::warn!(
-                    %prefix,
-                    key = %String::from_utf8_lossy(key),
-                    "value is not UTF-8: key skipped (an instance must be text)"
-                );
-                None
-            }
-        }
+        let why = match std::str::from_utf8(value) {
+            Ok(s) => match Instance::from_value(s) {
+                Ok(instance) => return Some(instance),
+                Err(e) => e.to_string(),
+            },
+            Err(_) => String::from("value is not UTF-8 (an instance must be text)"),
+        };
+        self.invalid.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            %prefix,
+            key = %String::from_utf8_lossy(key),
+            error = %why,
+            "key skipped: its value is not an instance"
+        );
+        None
     }
 
     fn put(&mut self, key: Vec<u8>, value: &[u8], prefix: &str) {
-        let instance = Self::instance_of(&key, value, prefix);
+        let instance = self.instance_of(&key, value, prefix);
         match instance {
             Some(i) => {
                 if let Some(old) = self.keys.insert(key.into_boxed_slice(), i.clone()) {
@@ -854,6 +878,45 @@ mod tests {
                 "{name}: watch resumes after the re-read"
             );
         }
+    }
+
+    /// Values in every format are read per key; JSON that is not an instance is skipped and
+    /// counted, and leaves the other keys alone.
+    #[test]
+    fn each_value_format_is_read_and_a_bad_one_is_isolated() {
+        let mut st = State::default();
+        st.put(b"/s/1".to_vec(), b"10.0.0.1:80", "/s/");
+        st.put(
+            b"/s/2".to_vec(),
+            br#"{"Op":0,"Addr":"10.0.0.2:80","Metadata":{"weight":3}}"#,
+            "/s/",
+        );
+        st.put(
+            b"/s/3".to_vec(),
+            br#"{"addr":"10.0.0.3:80","zone":"z"}"#,
+            "/s/",
+        );
+        st.put(b"/s/4".to_vec(), br#"{"Addr":"10.0.0.4:80""#, "/s/");
+        let ev = st.event();
+        let set = ev.instances().unwrap();
+        let got: Vec<(&str, u32, Option<&str>)> = set
+            .iter()
+            .map(|i| (i.addr(), i.weight(), i.zone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:80", 1, None),
+                ("10.0.0.2:80", 3, None),
+                ("10.0.0.3:80", 1, Some("z")),
+            ],
+            "ordered by stored value; the broken key skipped"
+        );
+        assert_eq!(st.invalid.load(Ordering::Relaxed), 1);
+        // The broken key fixed: it joins; the count stays as it was.
+        st.put(b"/s/4".to_vec(), br#"{"Addr":"10.0.0.4:80"}"#, "/s/");
+        assert_eq!(st.event().instances().unwrap().len(), 4);
+        assert_eq!(st.invalid.load(Ordering::Relaxed), 1);
     }
 
     /// A value held by several keys stays in the set until the last of them goes or changes,

@@ -72,6 +72,30 @@ impl MemoryInstancer {
     pub fn prefix(&self) -> &str {
         &self.watcher.prefix
     }
+
+    /// How many stored values this instancer has skipped because they were not instances
+    /// (JSON that is invalid or has no address, see [`sd_core::ValueFormat`]). Each is logged
+    /// with its key; the other keys are unaffected.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use sd_core::Instancer;
+    /// use sd_memory::{MemoryInstancer, MemoryStore};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let store = MemoryStore::new();
+    /// store.put("/svc/a", r#"{"addr":"10.0.0.1:80","weight":2}"#).unwrap();
+    /// store.put("/svc/b", r#"{"addr": oops"#).unwrap();
+    /// let instancer = MemoryInstancer::new(&store, "/svc/").unwrap();
+    /// let first = instancer.subscribe().next().await.unwrap();
+    /// let set = first.instances().unwrap();
+    /// assert_eq!(set.iter().map(|i| (i.addr(), i.weight())).collect::<Vec<_>>(), [("10.0.0.1:80", 2)]);
+    /// assert_eq!(instancer.invalid_values(), 1);
+    /// # });
+    /// ```
+    pub fn invalid_values(&self) -> u64 {
+        self.watcher.invalid_values()
+    }
 }
 
 impl Instancer for MemoryInstancer {

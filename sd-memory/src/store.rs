@@ -119,14 +119,26 @@ pub(crate) struct Watcher {
 struct View {
     counts: HashMap<Instance, usize>,
     set: InstanceSet,
+    /// Values skipped as not instances.
+    invalid: u64,
 }
 
 impl View {
-    fn add(&mut self, value: &str) {
-        let n = self.counts.entry(Instance::new(value)).or_insert(0);
+    /// Counts `value` in; a value that is not an instance (see `sd_core::ValueFormat`) is
+    /// skipped with a warning and counted, as etcd's instancer does.
+    fn add(&mut self, key: &str, value: &str) {
+        let instance = match Instance::from_value(value) {
+            Ok(i) => i,
+            Err(e) => {
+                self.invalid += 1;
+                tracing::warn!(%key, error = %e, "key skipped: its value is not an instance");
+                return;
+            }
+        };
+        let n = self.counts.entry(instance.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            self.set.insert(value);
+            self.set.insert(instance);
         }
     }
 
@@ -150,6 +162,11 @@ impl Watcher {
     fn event(&self) -> Event {
         Event::Instances(self.view().set.clone())
     }
+
+    /// How many values this watcher skipped as not instances.
+    pub(crate) fn invalid_values(&self) -> u64 {
+        self.view().invalid
+    }
 }
 
 impl State {
@@ -172,12 +189,12 @@ impl State {
     /// The values under `prefix`, counted: read once when a watcher starts.
     fn view(&self, prefix: &str) -> View {
         let mut view = View::default();
-        for (_, e) in self
+        for (k, e) in self
             .keys
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
         {
-            view.add(&e.value);
+            view.add(k, &e.value);
         }
         view
     }
@@ -195,7 +212,7 @@ impl State {
                 view.release(old);
             }
             if let Some(new) = new {
-                view.add(new);
+                view.add(key, new);
             }
             let event = Event::Instances(view.set.clone());
             drop(view);
