@@ -9,7 +9,9 @@
 //! |---|---|---|
 //! | [`RoundRobin`] | each endpoint in turn | the endpoint `E` |
 //! | [`Random`] | a uniformly random endpoint (seedable) | the endpoint `E` |
-//! | [`P2c`] | the less loaded of two random endpoints | an [`InFlight`] guard (derefs to `E`) |
+//! | [`P2c`] | the less loaded of two random endpoints (load divided by weight) | an [`InFlight`] guard (derefs to `E`) |
+//! | [`WeightedRoundRobin`] | smooth weighted round robin by each instance's weight | the endpoint `E` |
+//! | [`WeightedRandom`] | a random endpoint with probability weight / total | the endpoint `E` |
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback | the call's result |
 //!
 //! A pick takes no lock, allocates nothing and never awaits: each thread caches the endpointer's
@@ -61,6 +63,7 @@ mod random;
 mod retry;
 mod round_robin;
 mod thread_cache;
+pub mod weighted;
 
 pub use p2c::{InFlight, P2c};
 pub use random::Random;
@@ -69,3 +72,4 @@ pub use retry::{
     StopReason,
 };
 pub use round_robin::RoundRobin;
+pub use weighted::{WeightedRandom, WeightedRoundRobin};

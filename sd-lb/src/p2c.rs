@@ -37,7 +37,9 @@ use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
 
 /// Power-of-two-choices least-loaded balancer: picks two endpoints at random and hands out the
-/// one with fewer requests in flight (see the [module docs](crate::p2c) for why).
+/// one with fewer requests in flight per unit of its instance's
+/// [`weight`](sd_core::Instance::weight) (see the [module docs](crate::p2c) for why): an instance
+/// of weight 2 is as loaded with two requests as one of weight 1 with one.
 ///
 /// A pick returns an [`InFlight`] guard that derefs to the endpoint and counts as one request
 /// in flight until dropped. The counts belong to instances, not to positions in the set: an
@@ -82,6 +84,8 @@ struct Load {
 /// version of one) that lists the endpoint.
 struct Counter {
     load: Arc<Load>,
+    /// The instance's weight: P2C compares requests in flight per unit of weight.
+    weight: u64,
 }
 
 /// The number of requests in flight on `load`.
@@ -160,7 +164,10 @@ impl Registry {
         let load = known
             .and_then(|(_, l)| l.upgrade())
             .unwrap_or_else(|| Arc::new(Load { _pad: [0; 6] }));
-        let counter = Arc::new(Counter { load });
+        let counter = Arc::new(Counter {
+            load,
+            weight: u64::from(instance.weight()),
+        });
         self.by_instance.insert(
             key,
             (Arc::downgrade(&counter), Arc::downgrade(&counter.load)),
@@ -302,9 +309,15 @@ where
                         if b >= a {
                             b += 1;
                         }
+                        // Less in flight per unit of weight: b / wb < a / wa, multiplied out.
                         // Ties go to `a`, itself random.
                         match (loads.get(a), loads.get(b)) {
-                            (Some(la), Some(lb)) if in_flight(&lb.load) < in_flight(&la.load) => b,
+                            (Some(la), Some(lb))
+                                if (in_flight(&lb.load) as u64) * la.weight
+                                    < (in_flight(&la.load) as u64) * lb.weight =>
+                            {
+                                b
+                            }
                             _ => a,
                         }
                     }

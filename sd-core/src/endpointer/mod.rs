@@ -196,6 +196,16 @@ pub trait Endpointer<E>: Send + Sync {
     }
 }
 
+/// A balancer may pick through a borrowed endpointer.
+impl<E, T: Endpointer<E> + ?Sized> Endpointer<E> for &T {
+    fn version(&self) -> u64 {
+        (**self).version()
+    }
+    fn snapshot(&self) -> Arc<Snapshot<E>> {
+        (**self).snapshot()
+    }
+}
+
 impl<E, T: Endpointer<E> + ?Sized> Endpointer<E> for Arc<T> {
     fn version(&self) -> u64 {
         (**self).version()

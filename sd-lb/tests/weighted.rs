@@ -1,0 +1,107 @@
+//! Weighted balancing over a live endpointer: shares by weight, and weights that change live.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::Instances;
+use sd_core::{
+    endpoint_fn, Balancer, DefaultEndpointer, Endpointer, EndpointerOptions, Instance, Metadata,
+    ValueFormat,
+};
+use sd_lb::{P2c, WeightedRandom, WeightedRoundRobin};
+
+fn weighted(addr: &str, weight: u32, format: ValueFormat) -> Instance {
+    let meta = Metadata::new().with_weight(weight).expect("a valid weight");
+    Instance::with_metadata(addr, meta, format).expect("encodable")
+}
+
+/// Instances `w1`..`w4` of weights 1 to 4 (alternately in etcd's format and ours).
+fn one_to_four() -> Vec<Instance> {
+    (1..=4)
+        .map(|w| {
+            let format = if w % 2 == 0 {
+                ValueFormat::EtcdNaming
+            } else {
+                ValueFormat::Json
+            };
+            weighted(&format!("w{w}"), w, format)
+        })
+        .collect()
+}
+
+async fn endpointer(instances: &Instances) -> DefaultEndpointer<String> {
+    DefaultEndpointer::new(
+        instances,
+        endpoint_fn(|i| i.addr().to_string()),
+        EndpointerOptions::new(),
+    )
+    .await
+}
+
+/// Each endpoint's share of `picks`, against its weight's share: within 2 %.
+fn assert_shares(counts: &HashMap<String, usize>, picks: usize, what: &str) {
+    for w in 1..=4usize {
+        let got = counts.get(&format!("w{w}")).copied().unwrap_or(0) as f64 / picks as f64;
+        let want = w as f64 / 10.0;
+        assert!(
+            (got - want).abs() <= 0.02 * want,
+            "{what}: w{w} got {got:.4} of the picks, want {want:.4} (within 2 %): {counts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn weights_are_honoured_over_100_000_picks() {
+    let instances = Instances::new(one_to_four());
+    let e = endpointer(&instances).await;
+    let n = 100_000;
+
+    let wrr = WeightedRoundRobin::new(&e);
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(wrr.endpoint().unwrap()).or_insert(0) += 1;
+    }
+    assert_shares(&counts, n, "weighted round robin");
+    // Round robin is exact: 100 000 picks are 10 000 whole periods of 10.
+    assert_eq!(counts["w3"], 30_000);
+
+    let random = WeightedRandom::with_seed(&e, 11);
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(random.endpoint().unwrap()).or_insert(0) += 1;
+    }
+    assert_shares(&counts, n, "weighted random");
+
+    // P2C with every request still in flight: loads end up in proportion to the weights.
+    let p2c = P2c::with_seed(&e, 12);
+    let held: Vec<_> = (0..n).map(|_| p2c.endpoint().unwrap()).collect();
+    let mut counts = HashMap::new();
+    for g in &held {
+        *counts.entry((**g).clone()).or_insert(0) += 1;
+    }
+    assert_shares(&counts, n, "weighted P2C");
+}
+
+#[tokio::test]
+async fn weights_change_live_with_the_store() {
+    let instances = Instances::new([
+        weighted("a", 1, ValueFormat::Json),
+        weighted("b", 1, ValueFormat::Json),
+    ]);
+    let e = endpointer(&instances).await;
+    let wrr = WeightedRoundRobin::new(&e);
+    let share_of_a = |picks: usize| {
+        (0..picks)
+            .filter(|_| wrr.endpoint().unwrap() == "a")
+            .count()
+    };
+    assert_eq!(share_of_a(1000), 500);
+    let v = e.version();
+    instances.set([
+        weighted("a", 3, ValueFormat::Json),
+        weighted("b", 1, ValueFormat::Json),
+    ]);
+    e.changed(v).await;
+    assert_eq!(share_of_a(1000), 750, "a's weight went from 1 to 3");
+}
