@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
 use futures::FutureExt;
-use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer};
-use sd_lb::{P2c, Random, Retry, RoundRobin};
+use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer, Instance, Metadata, ValueFormat};
+use sd_lb::{P2c, Random, Retry, RoundRobin, WeightedRandom, WeightedRoundRobin};
 
 const SIZES: [usize; 4] = [1, 10, 1_000, 10_000];
 
@@ -139,6 +139,56 @@ fn bench_picks(c: &mut Criterion) {
     }
 }
 
+/// Weighted picks (weights 1 to 4 in turn) beside the unweighted round robin and the bare
+/// baseline, one thread.
+fn bench_weighted(c: &mut Criterion) {
+    let mut group = c.benchmark_group("weighted");
+    for n in [10usize, 10_000] {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let plain = common::Instances::new((0..n).map(|i| i.to_string()));
+        let weighted = common::Instances::new((0..n).map(|i| {
+            let meta = Metadata::new()
+                .with_weight(1 + (i % 4) as u32)
+                .expect("a weight");
+            Instance::with_metadata(&i.to_string(), meta, ValueFormat::Json).expect("encodable")
+        }));
+        let plain_live = Arc::new(runtime.block_on(plain.numbers()));
+        let weighted_live = Arc::new(runtime.block_on(weighted.numbers()));
+        let bare = Bare {
+            next: AtomicUsize::new(0),
+            endpoints: (0..n as u64).collect(),
+        };
+        let rr = RoundRobin::new(plain_live.clone());
+        let wrr = WeightedRoundRobin::new(weighted_live.clone());
+        let wrandom = WeightedRandom::new(weighted_live.clone());
+        let wp2c = P2c::new(weighted_live.clone());
+        let cases: [(&str, &dyn Fn()); 5] = [
+            ("baseline_fetch_add_index", &|| {
+                black_box(bare.pick());
+            }),
+            ("round_robin_unweighted", &|| {
+                let _ = black_box(rr.endpoint());
+            }),
+            ("weighted_round_robin", &|| {
+                let _ = black_box(wrr.endpoint());
+            }),
+            ("weighted_random", &|| {
+                let _ = black_box(wrandom.endpoint());
+            }),
+            ("weighted_p2c", &|| {
+                let _ = black_box(wp2c.endpoint());
+            }),
+        ];
+        for (name, pick) in cases {
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| b.iter(pick));
+        }
+    }
+    group.finish();
+}
+
 fn bench_retry(c: &mut Criterion) {
     let mut group = c.benchmark_group("retry_first_attempt_succeeds");
     let sets = sets(10);
@@ -173,6 +223,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = bench_picks, bench_retry
+    targets = bench_picks, bench_weighted, bench_retry
 }
 criterion_main!(benches);
