@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
 use futures::FutureExt;
 use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer, Instance, Metadata, ValueFormat};
-use sd_lb::{P2c, Random, Retry, RoundRobin, WeightedRandom, WeightedRoundRobin};
+use sd_lb::{Maglev, P2c, Random, Retry, RoundRobin, WeightedRandom, WeightedRoundRobin};
 
 const SIZES: [usize; 4] = [1, 10, 1_000, 10_000];
 
@@ -139,8 +139,8 @@ fn bench_picks(c: &mut Criterion) {
     }
 }
 
-/// Weighted picks (weights 1 to 4 in turn) beside the unweighted round robin and the bare
-/// baseline, one thread.
+/// Weighted picks (weights 1 to 4 in turn) and consistent-hash picks beside the unweighted
+/// round robin and the bare baseline, one thread.
 fn bench_weighted(c: &mut Criterion) {
     let mut group = c.benchmark_group("weighted");
     for n in [10usize, 10_000] {
@@ -165,7 +165,9 @@ fn bench_weighted(c: &mut Criterion) {
         let wrr = WeightedRoundRobin::new(weighted_live.clone());
         let wrandom = WeightedRandom::new(weighted_live.clone());
         let wp2c = P2c::new(weighted_live.clone());
-        let cases: [(&str, &dyn Fn()); 5] = [
+        let maglev = Maglev::new(plain_live.clone());
+        let key = AtomicUsize::new(0);
+        let cases: [(&str, &dyn Fn()); 6] = [
             ("baseline_fetch_add_index", &|| {
                 black_box(bare.pick());
             }),
@@ -180,6 +182,11 @@ fn bench_weighted(c: &mut Criterion) {
             }),
             ("weighted_p2c", &|| {
                 let _ = black_box(wp2c.endpoint());
+            }),
+            // A new 8-byte key each pick: hashing it is part of the pick.
+            ("maglev_by_key", &|| {
+                let k = key.fetch_add(1, Ordering::Relaxed) as u64;
+                let _ = black_box(maglev.endpoint_for(&k.to_le_bytes()));
             }),
         ];
         for (name, pick) in cases {

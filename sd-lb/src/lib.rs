@@ -12,6 +12,7 @@
 //! | [`P2c`] | the less loaded of two random endpoints (load divided by weight) | an [`InFlight`] guard (derefs to `E`) |
 //! | [`WeightedRoundRobin`] | smooth weighted round robin by each instance's weight | the endpoint `E` |
 //! | [`WeightedRandom`] | a random endpoint with probability weight / total | the endpoint `E` |
+//! | [`Maglev`] | the endpoint of a request key (consistent hashing, optionally with bounded loads) | the endpoint `E`, or a [`Held`] guard |
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback | the call's result |
 //!
 //! A pick takes no lock, allocates nothing and never awaits: each thread caches the endpointer's
@@ -58,6 +59,7 @@
 
 #![warn(missing_docs)]
 
+pub mod hash;
 pub mod p2c;
 mod random;
 mod retry;
@@ -65,6 +67,7 @@ mod round_robin;
 mod thread_cache;
 pub mod weighted;
 
+pub use hash::{hash_key, ForKey, Held, Maglev};
 pub use p2c::{InFlight, P2c};
 pub use random::Random;
 pub use retry::{
