@@ -12,6 +12,7 @@
 //! | [`P2c`] | the less loaded of two random endpoints (load divided by weight) | an [`InFlight`] guard (derefs to `E`) |
 //! | [`WeightedRoundRobin`] | smooth weighted round robin by each instance's weight | the endpoint `E` |
 //! | [`WeightedRandom`] | a random endpoint with probability weight / total | the endpoint `E` |
+//! | [`ZoneAware`] | round robin in the caller's zone, spilling over all zones when it has too few | the endpoint `E` |
 //! | [`Maglev`] | the endpoint of a request key (consistent hashing, optionally with bounded loads) | the endpoint `E`, or a [`Held`] guard |
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback | the call's result |
 //!
@@ -66,6 +67,7 @@ mod retry;
 mod round_robin;
 mod thread_cache;
 pub mod weighted;
+pub mod zone;
 
 pub use hash::{hash_key, ForKey, Held, Maglev};
 pub use p2c::{InFlight, P2c};
@@ -76,3 +78,4 @@ pub use retry::{
 };
 pub use round_robin::RoundRobin;
 pub use weighted::{WeightedRandom, WeightedRoundRobin};
+pub use zone::ZoneAware;

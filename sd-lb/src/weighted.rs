@@ -251,7 +251,7 @@ where
 
 /// The position to pick at in a cycle of `len`, advancing `next`; `None` when `len` is 0.
 #[inline(always)]
-fn step(next: &mut usize, len: usize) -> Option<usize> {
+pub(crate) fn step(next: &mut usize, len: usize) -> Option<usize> {
     let mut i = *next;
     if i >= len {
         if len == 0 {

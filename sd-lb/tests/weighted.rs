@@ -105,3 +105,59 @@ async fn weights_change_live_with_the_store() {
     e.changed(v).await;
     assert_eq!(share_of_a(1000), 750, "a's weight went from 1 to 3");
 }
+
+fn zoned(addr: &str, zone: &str) -> Instance {
+    Instance::with_metadata(addr, Metadata::new().with_zone(zone), ValueFormat::Json)
+        .expect("encodable")
+}
+
+/// Local instances only while the zone has enough of them; all zones once it has too few, and
+/// back when it recovers.
+#[tokio::test]
+async fn zone_preference_spills_when_the_local_zone_is_too_small() {
+    use sd_lb::ZoneAware;
+    let instances = Instances::new([
+        zoned("a1", "a"),
+        zoned("a2", "a"),
+        zoned("b1", "b"),
+        zoned("b2", "b"),
+    ]);
+    let e = endpointer(&instances).await;
+    let b = ZoneAware::new(&e, "a").min_local(2);
+    let picks = |n: usize| {
+        let mut seen: Vec<String> = (0..n).map(|_| b.endpoint().unwrap()).collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    assert_eq!(picks(100), ["a1", "a2"], "only zone a");
+
+    // Zone a loses an instance: one is under min_local 2, so calls spill over both zones.
+    let v = e.version();
+    instances.set([zoned("a1", "a"), zoned("b1", "b"), zoned("b2", "b")]);
+    e.changed(v).await;
+    assert_eq!(picks(100), ["a1", "b1", "b2"]);
+
+    // It comes back.
+    let v = e.version();
+    instances.set([
+        zoned("a1", "a"),
+        zoned("a3", "a"),
+        zoned("b1", "b"),
+        zoned("b2", "b"),
+    ]);
+    e.changed(v).await;
+    assert_eq!(picks(100), ["a1", "a3"]);
+
+    // A share rule: zone a holds 2 of 10 instances, under the 30 % asked.
+    let mut many = vec![zoned("a1", "a"), zoned("a2", "a")];
+    many.extend((0..8).map(|i| zoned(&format!("b{i}"), "b")));
+    let v = e.version();
+    instances.set(many);
+    e.changed(v).await;
+    let shared = ZoneAware::new(&e, "a").min_share(0.3).unwrap();
+    let mut seen: Vec<String> = (0..100).map(|_| shared.endpoint().unwrap()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 10, "spilled over all: {seen:?}");
+}
