@@ -72,9 +72,22 @@ fn on_path(bin: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The etcd integration tests need `etcd`; install Debian's package when we can.
-fn ensure_etcd() -> Result<(), String> {
-    if on_path("etcd") && on_path("etcdctl") {
+/// Where Debian's `golang-etcd-server-dev` puts etcd's Go naming package (the Go interop test
+/// builds against it).
+const GO_ETCD_NAMING: &str = "/usr/share/gocode/src/go.etcd.io/etcd/clientv3/naming/endpoints";
+
+/// The etcd integration tests need `etcd`; the interop test needs Go and etcd's Go client.
+fn etcd_present() -> bool {
+    on_path("etcd") && on_path("etcdctl")
+}
+
+fn go_present() -> bool {
+    on_path("go") && std::path::Path::new(GO_ETCD_NAMING).is_dir()
+}
+
+/// Installs Debian's `packages` when `present` says they are missing, if we can (root, apt-get).
+fn ensure(what: &str, present: fn() -> bool, packages: &[&str]) -> Result<(), String> {
+    if present() {
         return Ok(());
     }
     let is_root = Command::new("id")
@@ -83,30 +96,42 @@ fn ensure_etcd() -> Result<(), String> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false);
     if !is_root || !on_path("apt-get") {
-        return Err(
-            "etcd is not on PATH: install it (Debian: apt-get install etcd-server \
-                    etcd-client) and run again; the etcd integration tests need it"
-                .into(),
-        );
+        return Err(format!(
+            "{what} is missing: install it (Debian: apt-get install {}) and run again; the \
+             integration tests need it",
+            packages.join(" ")
+        ));
     }
-    eprintln!("xtask: etcd not found, installing etcd-server and etcd-client with apt-get");
+    eprintln!(
+        "xtask: {what} not found, installing {} with apt-get",
+        packages.join(" ")
+    );
     let mut update = Command::new("apt-get");
     update.args(["update", "-qq"]);
     run(update)?;
     let mut install = Command::new("apt-get");
     install
-        .args(["install", "-y", "-qq", "etcd-server", "etcd-client"])
+        .args(["install", "-y", "-qq"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install)?;
-    if on_path("etcd") {
+    if present() {
         Ok(())
     } else {
-        Err("apt-get installed etcd-server but etcd is still not on PATH".into())
+        Err(format!(
+            "apt-get installed {} but {what} is still missing",
+            packages.join(" ")
+        ))
     }
 }
 
 fn ci() -> Result<(), String> {
-    ensure_etcd()?;
+    ensure("etcd", etcd_present, &["etcd-server", "etcd-client"])?;
+    ensure(
+        "Go with etcd's Go client",
+        go_present,
+        &["golang-go", "golang-etcd-server-dev"],
+    )?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt)?;
