@@ -217,6 +217,102 @@ async fn foosvc_registers_discovers_and_deregisters_on_sigterm_and_sigint() {
     }
 }
 
+/// `--weight`, `--zone` and `--format`: the registration is stored in the chosen form with its
+/// metadata, barsvc instances are printed with theirs, and calls prefer barsvc's own zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_registers_and_prints_metadata() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    let mut raw = etcd.raw_client().await;
+    let mut foo = Program::start(&[
+        "--etcd",
+        &endpoint,
+        "--instance",
+        "127.0.0.1:9201",
+        "--weight",
+        "2",
+        "--zone",
+        "z1",
+        "--format",
+        "etcd-naming",
+        "--call-every",
+        "100ms",
+    ]);
+    foo.expect_line("registered /services/foosvc/127.0.0.1:9201");
+    let stored = raw
+        .get("/services/foosvc/127.0.0.1:9201", None)
+        .await
+        .expect("read the registration");
+    let value = stored
+        .kvs()
+        .first()
+        .map(|kv| kv.value_str().unwrap_or("").to_string());
+    assert_eq!(
+        value.as_deref(),
+        Some(r#"{"Op":0,"Addr":"127.0.0.1:9201","Metadata":{"weight":2,"zone":"z1"}}"#)
+    );
+    // One barsvc in zone z1 (our JSON), one elsewhere (etcd's format): calls stay in z1.
+    raw.put(
+        "/services/barsvc/a",
+        r#"{"addr":"127.0.0.1:9301","weight":3,"zone":"z1"}"#,
+        None,
+    )
+    .await
+    .expect("put barsvc a");
+    raw.put(
+        "/services/barsvc/b",
+        r#"{"Op":0,"Addr":"127.0.0.1:9302","Metadata":{"zone":"z2"}}"#,
+        None,
+    )
+    .await
+    .expect("put barsvc b");
+    // Ordered by stored value: etcd's format (`{"Op"...`) sorts before ours (`{"addr"...`).
+    foo.expect_line(
+        r#"barsvc instances: ["127.0.0.1:9302 zone=z2", "127.0.0.1:9301 weight=3 zone=z1"]"#,
+    );
+    for _ in 0..5 {
+        foo.expect_line("call: barsvc at 127.0.0.1:9301 answered");
+    }
+    assert!(
+        !foo.seen.iter().any(|l| l.contains("at 127.0.0.1:9302")),
+        "a call left zone z1: {:?}",
+        foo.seen
+    );
+    foo.signal(libc::SIGTERM);
+    foo.expect_line("deregistered");
+    foo.wait_success();
+}
+
+/// Metadata needs a JSON format: asked of a plain registration, it is refused before anything
+/// is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_refuses_metadata_in_plain_form() {
+    let etcd = EtcdServer::start().await;
+    let out = run_foosvc(
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--weight",
+            "3",
+            "--run-for",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    assert_refused(
+        &out,
+        &["--weight and --zone need --format etcd-naming or json"],
+    );
+    assert!(foosvc_keys(&etcd).await.is_empty());
+    let out = run_foosvc(&["--etcd", &etcd.endpoint(), "--format", "xml"], &[]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("plain, etcd-naming or json"),
+        "{err}"
+    );
+}
+
 #[test]
 fn foosvc_reports_bad_flags_and_unreachable_etcd() {
     let out = Command::new(env!("CARGO_BIN_EXE_foosvc"))

@@ -150,6 +150,26 @@ impl Metadata {
         &self.labels
     }
 
+    /// A short description of what differs from the default, for logs and programs:
+    /// `weight=2 zone=eu-1 team=a`; empty for the default.
+    ///
+    /// ```
+    /// let m = sd_core::Metadata::new().with_weight(2).unwrap().with_zone("eu-1");
+    /// assert_eq!(m.summary(), "weight=2 zone=eu-1");
+    /// assert_eq!(sd_core::Metadata::new().summary(), "");
+    /// ```
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if self.weight != 1 {
+            parts.push(format!("weight={}", self.weight));
+        }
+        if let Some(zone) = &self.zone {
+            parts.push(format!("zone={zone}"));
+        }
+        parts.extend(self.labels.iter().map(|(k, v)| format!("{k}={v}")));
+        parts.join(" ")
+    }
+
     fn is_default(&self) -> bool {
         *self == DEFAULT_METADATA
     }
@@ -231,6 +251,29 @@ pub enum ValueFormat {
     EtcdNaming,
     /// This project's JSON (`addr`, `weight`, `zone`, `labels`).
     Json,
+}
+
+/// Parses the names programs take on their command line: `plain`, `etcd-naming`, `json`.
+///
+/// ```
+/// use sd_core::ValueFormat;
+///
+/// assert_eq!("etcd-naming".parse::<ValueFormat>().unwrap(), ValueFormat::EtcdNaming);
+/// assert!("xml".parse::<ValueFormat>().unwrap_err().to_string().contains("plain, etcd-naming or json"));
+/// ```
+impl std::str::FromStr for ValueFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "plain" => Ok(ValueFormat::Plain),
+            "etcd-naming" => Ok(ValueFormat::EtcdNaming),
+            "json" => Ok(ValueFormat::Json),
+            other => Err(Error::invalid_argument(format!(
+                "value format {other:?}: use plain, etcd-naming or json"
+            ))),
+        }
+    }
 }
 
 impl ValueFormat {

@@ -21,11 +21,11 @@ use clap::Parser;
 use examples::EtcdArgs;
 use futures::StreamExt;
 use sd_core::{
-    Closer, DefaultEndpointer, EndpointerOptions, Error, Event, Instance, Instancer, Registrar,
-    Service, TtlOption,
+    Closer, DefaultEndpointer, EndpointerOptions, Error, Event, Instance, Instancer, Metadata,
+    Registrar, Service, TtlOption, ValueFormat,
 };
 use sd_etcd::{EtcdInstancer, EtcdRegistrar};
-use sd_lb::{Retry, RoundRobin};
+use sd_lb::{Retry, WeightedRoundRobin, ZoneAware};
 use tokio::signal::unix::{signal, SignalKind};
 
 const FOO_PREFIX: &str = "/services/foosvc/";
@@ -53,6 +53,17 @@ struct Args {
     /// Shut down after this long (at most 365 days) instead of waiting for a signal.
     #[arg(long, value_parser = humantime::parse_duration)]
     run_for: Option<Duration>,
+    /// This instance's weight for weighted balancing (at least 1; needs a JSON --format).
+    #[arg(long, default_value_t = 1)]
+    weight: u32,
+    /// This instance's zone: registered (needs a JSON --format), and barsvc calls prefer
+    /// barsvc instances of the same zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// How the registration is stored: plain (go-kit), etcd-naming (etcd's Go naming package,
+    /// gRPC's resolver) or json.
+    #[arg(long, default_value = "plain")]
+    format: ValueFormat,
 }
 
 /// A barsvc endpoint. A real program would hold a client connection here; the example only
@@ -63,6 +74,31 @@ struct BarEndpoint(Instance);
 impl BarEndpoint {
     async fn call(&self) -> Result<String, Error> {
         Ok(format!("barsvc at {} answered", self.0))
+    }
+}
+
+/// How calls pick a barsvc instance.
+enum Pick {
+    Weighted(WeightedRoundRobin<BarEndpoint, DefaultEndpointer<BarEndpoint>>),
+    Zoned(ZoneAware<BarEndpoint, DefaultEndpointer<BarEndpoint>>),
+}
+
+impl sd_core::Balancer for Pick {
+    type Endpoint = BarEndpoint;
+
+    fn endpoint(&self) -> Result<BarEndpoint, Error> {
+        match self {
+            Pick::Weighted(b) => b.endpoint(),
+            Pick::Zoned(b) => b.endpoint(),
+        }
+    }
+}
+
+/// An instance as printed: its address, and what its metadata says (if anything).
+fn describe(i: &Instance) -> String {
+    match i.metadata().summary() {
+        s if s.is_empty() => i.addr().to_string(),
+        s => format!("{} {s}", i.addr()),
     }
 }
 
@@ -97,8 +133,19 @@ fn check_durations(args: &Args) -> Result<(), Error> {
 async fn run(args: Args) -> Result<(), Error> {
     check_durations(&args)?;
     let ttl = TtlOption::new(args.heartbeat, args.ttl)?;
-    let service =
-        Service::new(format!("{FOO_PREFIX}{}", args.instance), &args.instance)?.with_ttl(ttl);
+    if args.format == ValueFormat::Plain && (args.weight != 1 || args.zone.is_some()) {
+        return Err(Error::invalid_argument(
+            "--weight and --zone need --format etcd-naming or json: a plain value (go-kit's \
+             format) carries no metadata",
+        ));
+    }
+    let mut meta = Metadata::new().with_weight(args.weight)?;
+    if let Some(zone) = &args.zone {
+        meta = meta.with_zone(zone);
+    }
+    let service = Service::new(format!("{FOO_PREFIX}{}", args.instance), &args.instance)?
+        .with_metadata(meta, args.format)?
+        .with_ttl(ttl);
     // Install the signal handlers before registering, so no signal finds us without them.
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::backend)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::backend)?;
@@ -140,7 +187,12 @@ async fn serve(
         Ok((BarEndpoint(instance.clone()), None))
     };
     let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
-    let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(3))?;
+    // By weight; with --zone, round robin within the zone while it has barsvc instances.
+    let balancer = match &args.zone {
+        Some(zone) => Pick::Zoned(ZoneAware::new(endpointer, zone)),
+        None => Pick::Weighted(WeightedRoundRobin::new(endpointer)),
+    };
+    let retry = Retry::new(balancer, 3, Duration::from_secs(3))?;
 
     // Both durations were checked by check_durations(): the period is not zero, and sleep()
     // saturates a deadline past the clock's end instead of adding to an Instant.
@@ -158,7 +210,9 @@ async fn serve(
             _ = sigint.recv() => { println!("SIGINT: shutting down"); break; }
             _ = &mut deadline => { println!("--run-for elapsed: shutting down"); break; }
             change = changes.next() => match change {
-                Some(Event::Instances(set)) => println!("barsvc instances: {:?}", set),
+                Some(Event::Instances(set)) => {
+                    println!("barsvc instances: {:?}", set.iter().map(describe).collect::<Vec<_>>())
+                }
                 Some(Event::Error(e)) => println!("barsvc discovery error: {}", sd_core::Report(&e)),
                 None => break,
             },
