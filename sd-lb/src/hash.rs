@@ -19,8 +19,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Slots, Snapshot};
 
+use crate::per_snapshot::PerSnapshot;
 use crate::thread_cache::ThreadCache;
 
 /// FNV-1a over `bytes`, then SplitMix64's finaliser (FNV alone mixes the high bits poorly).
@@ -98,17 +99,16 @@ struct View {
 /// in-flight counter still alive, by address, so an instance keeps its count across sets.
 #[derive(Default)]
 struct Tables {
-    current: Option<(u64, Slots<Instance>, View)>,
-    loads: std::collections::HashMap<String, std::sync::Weak<AtomicUsize>>,
+    views: PerSnapshot<View>,
+    loads: Mutex<std::collections::HashMap<String, std::sync::Weak<AtomicUsize>>>,
 }
 
 impl Tables {
-    fn for_snapshot<E>(&mut self, snapshot: &Snapshot<E>, bounded: bool) -> View {
-        if let Some((version, instances, view)) = &self.current {
-            if *version == snapshot.version() && instances.ptr_eq(snapshot.instances()) {
-                return view.clone();
-            }
-        }
+    fn for_snapshot<E>(&self, snapshot: &Snapshot<E>, bounded: bool) -> View {
+        self.views.get(snapshot, || self.build(snapshot, bounded))
+    }
+
+    fn build<E>(&self, snapshot: &Snapshot<E>, bounded: bool) -> View {
         let instances = snapshot.instances();
         // An endpoint without an instance (a fixed list) is named by its position.
         let names: Vec<String> = (0..snapshot.endpoints().len())
@@ -127,27 +127,26 @@ impl Tables {
             .map(|&k| order.get(k as usize).map_or(0, |&slot| slot as u32))
             .collect();
         let loads: Arc<[Arc<AtomicUsize>]> = if bounded {
+            let mut known = self.loads.lock().unwrap_or_else(|e| e.into_inner());
             let loads = names
                 .iter()
                 .map(
-                    |name| match self.loads.get(name).and_then(std::sync::Weak::upgrade) {
+                    |name| match known.get(name).and_then(std::sync::Weak::upgrade) {
                         Some(load) => load,
                         None => {
                             let load = Arc::new(AtomicUsize::new(0));
-                            self.loads.insert(name.clone(), Arc::downgrade(&load));
+                            known.insert(name.clone(), Arc::downgrade(&load));
                             load
                         }
                     },
                 )
                 .collect();
-            self.loads.retain(|_, l| l.strong_count() > 0);
+            known.retain(|_, l| l.strong_count() > 0);
             loads
         } else {
             Arc::from(Vec::new())
         };
-        let view = View { table, loads };
-        self.current = Some((snapshot.version(), instances.clone(), view.clone()));
-        view
+        View { table, loads }
     }
 }
 
@@ -168,7 +167,7 @@ impl Tables {
 /// ```
 pub struct Maglev<E: Send + Sync, P> {
     endpointer: P,
-    tables: Mutex<Tables>,
+    tables: Tables,
     cache: ThreadCache<E, View>,
     bound: Option<Bound>,
 }
@@ -191,7 +190,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Maglev<E, P> {
     pub fn new(endpointer: P) -> Self {
         Maglev {
             endpointer,
-            tables: Mutex::default(),
+            tables: Tables::default(),
             cache: ThreadCache::new(),
             bound: None,
         }
@@ -245,10 +244,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Maglev<E, P> {
                 table: Arc::from(Vec::new()),
                 loads: Arc::from(Vec::new()),
             },
-            |snapshot, view| {
-                let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-                *view = tables.for_snapshot(snapshot, self.bound.is_some());
-            },
+            |snapshot, view| *view = self.tables.for_snapshot(snapshot, self.bound.is_some()),
             #[inline(always)]
             |endpoints, snapshot, view| pick(endpoints, snapshot, view),
         )
@@ -302,7 +298,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> Maglev<E, P> {
     ///
     /// let maglev = Maglev::new(FixedEndpointer::new(vec![1, 2, 3]));
     /// let b = maglev.for_key(b"user-7");
-    /// assert_eq!(b.endpoint().unwrap(), maglev.endpoint_for(b"user-7").unwrap());
+    /// assert_eq!(*b.endpoint().unwrap(), maglev.endpoint_for(b"user-7").unwrap());
     /// ```
     pub fn for_key(&self, key: &[u8]) -> ForKey<'_, E, P> {
         ForKey {

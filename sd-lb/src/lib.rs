@@ -62,6 +62,7 @@
 
 pub mod hash;
 pub mod p2c;
+mod per_snapshot;
 mod random;
 mod retry;
 mod round_robin;

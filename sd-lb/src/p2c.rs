@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
 
+use crate::per_snapshot::PerSnapshot;
 use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
 
@@ -68,6 +69,14 @@ pub struct P2c<E: Send + Sync, P> {
     seed: Option<u64>,
     registry: Mutex<Registry>,
     cache: ThreadCache<E, Local>,
+    zone: Option<ZonePreference>,
+}
+
+/// [`P2c::in_zone`]'s settings, and the local slots of the last snapshot seen.
+struct ZonePreference {
+    zone: Arc<str>,
+    spill: f64,
+    local: PerSnapshot<Arc<[u32]>>,
 }
 
 /// The load of one endpoint. Its requests in flight are the strong references its guards
@@ -95,6 +104,38 @@ fn in_flight(load: &Arc<Load>) -> usize {
     Arc::strong_count(load).saturating_sub(1)
 }
 
+/// Two distinct positions below `n` (at least 2), uniformly.
+#[inline(always)]
+fn two(rng: &mut fastrand::Rng, n: usize) -> (usize, usize) {
+    let a = rng.usize(..n);
+    let mut b = rng.usize(..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+/// Of slots `a` and `b`, the one with less in flight per unit of weight (`b / wb < a / wa`,
+/// multiplied out); ties go to `a`, itself random.
+#[inline(always)]
+fn lighter(loads: &Table, a: usize, b: usize) -> usize {
+    match (loads.get(a), loads.get(b)) {
+        (Some(la), Some(lb))
+            if (in_flight(&lb.load) as u64) * la.weight
+                < (in_flight(&la.load) as u64) * lb.weight =>
+        {
+            b
+        }
+        _ => a,
+    }
+}
+
+/// A counter's requests in flight, plus `extra`, per unit of weight.
+#[inline(always)]
+fn per_weight(counter: &Counter, extra: usize) -> f64 {
+    (in_flight(&counter.load) + extra) as f64 / counter.weight as f64
+}
+
 /// The counters of one snapshot's endpoints, in slot order. Persistent, as the snapshot's
 /// slots are: the table of the next snapshot is derived from this one's.
 type Table = Slots<Arc<Counter>>;
@@ -103,6 +144,8 @@ type Table = Slots<Arc<Counter>>;
 struct Local {
     rng: fastrand::Rng,
     loads: Table,
+    /// The slots of instances in the preferred zone (empty: no preference applies).
+    local: Arc<[u32]>,
 }
 
 /// Maps instances to their counters; used only when a thread moves to a new snapshot.
@@ -257,7 +300,68 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
             seed,
             registry: Mutex::new(Registry::default()),
             cache: ThreadCache::new(),
+            zone: None,
         }
+    }
+
+    /// Prefers instances in `zone`, spilling by load: a pick takes the less loaded of two
+    /// instances of the zone (per unit of weight, as always), unless that one carries more than
+    /// `spill` times the load (plus one) of an instance drawn from the whole set, which then
+    /// gets the request. So the zone takes everything while it keeps up, and sheds load to the
+    /// others once it is `spill` times busier (2.0 is a usual setting; at least 1). With no
+    /// instance in the zone, or only instances of the zone, it is plain P2C.
+    ///
+    /// ```
+    /// use sd_core::{endpoint_fn, Balancer, DefaultEndpointer, EndpointerOptions, Event, Instance,
+    ///               InstanceSet, Metadata, Publisher, ValueFormat};
+    /// use sd_lb::P2c;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let zoned = |addr: &str, zone: &str| {
+    ///     Instance::with_metadata(addr, Metadata::new().with_zone(zone), ValueFormat::Json).unwrap()
+    /// };
+    /// let set: InstanceSet = [zoned("a1", "a"), zoned("b1", "b"), zoned("b2", "b")].into_iter().collect();
+    /// let endpointer = DefaultEndpointer::owning(
+    ///     Publisher::new(Event::Instances(set)),
+    ///     endpoint_fn(|i| i.addr().to_string()),
+    ///     EndpointerOptions::new(),
+    /// )
+    /// .await;
+    /// let p2c = P2c::with_seed(endpointer, 3).in_zone("a", 2.0).unwrap();
+    /// let held: Vec<_> = (0..3).map(|_| p2c.endpoint().unwrap()).collect();
+    /// assert!(held.iter().all(|g| **g == "a1"), "zone a keeps up with three requests");
+    /// let more: Vec<_> = (0..20).map(|_| p2c.endpoint().unwrap()).collect();
+    /// assert!(more.iter().any(|g| **g != "a1"), "then it sheds load");
+    /// # }
+    /// ```
+    pub fn in_zone(mut self, zone: impl AsRef<str>, spill: f64) -> Result<Self, Error> {
+        if !(spill >= 1.0 && spill.is_finite()) {
+            return Err(Error::invalid_argument(format!(
+                "spill factor {spill} must be a finite number of at least 1 (2.0 is usual)"
+            )));
+        }
+        self.zone = Some(ZonePreference {
+            zone: Arc::from(zone.as_ref()),
+            spill,
+            local: PerSnapshot::default(),
+        });
+        Ok(self)
+    }
+
+    /// The slots of `snapshot`'s instances in the preferred zone: empty without a preference,
+    /// or when none or all of them are in it.
+    fn local_slots(&self, snapshot: &Snapshot<E>) -> Arc<[u32]> {
+        let Some(pref) = &self.zone else {
+            return Arc::from(Vec::new());
+        };
+        pref.local.get(snapshot, || {
+            let mut local = crate::per_snapshot::slots_in_zone(snapshot, &pref.zone);
+            if local.len() == snapshot.endpoints().len() {
+                local.clear();
+            }
+            Arc::from(local)
+        })
     }
 
     /// The endpointer this balancer picks from.
@@ -288,10 +392,13 @@ where
             |ordinal| Local {
                 rng: thread_rng(self.seed, ordinal),
                 loads: Slots::new(),
+                local: Arc::from(Vec::new()),
             },
             |snapshot, local| {
                 let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
                 local.loads = registry.table(snapshot);
+                drop(registry);
+                local.local = self.local_slots(snapshot);
             },
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
@@ -302,24 +409,29 @@ where
                 let i = match n {
                     0 => return Err(snapshot.no_endpoints()),
                     1 => 0,
-                    _ => {
-                        // Two distinct positions, uniformly.
-                        let a = local.rng.usize(..n);
-                        let mut b = local.rng.usize(..n - 1);
-                        if b >= a {
-                            b += 1;
-                        }
-                        // Less in flight per unit of weight: b / wb < a / wa, multiplied out.
-                        // Ties go to `a`, itself random.
-                        match (loads.get(a), loads.get(b)) {
-                            (Some(la), Some(lb))
-                                if (in_flight(&lb.load) as u64) * la.weight
-                                    < (in_flight(&la.load) as u64) * lb.weight =>
-                            {
-                                b
+                    _ if !local.local.is_empty() => {
+                        let zone = &local.local;
+                        let best = match zone.len() {
+                            1 => zone[0] as usize,
+                            m => {
+                                let (a, b) = two(&mut local.rng, m);
+                                lighter(loads, zone[a] as usize, zone[b] as usize)
                             }
-                            _ => a,
+                        };
+                        let other = local.rng.usize(..n);
+                        let spill = self.zone.as_ref().map_or(f64::INFINITY, |z| z.spill);
+                        match (loads.get(best), loads.get(other)) {
+                            (Some(lb), Some(lo))
+                                if per_weight(lb, 0) > spill * per_weight(lo, 1) =>
+                            {
+                                other
+                            }
+                            _ => best,
                         }
+                    }
+                    _ => {
+                        let (a, b) = two(&mut local.rng, n);
+                        lighter(loads, a, b)
                     }
                 };
                 match (endpoints.get(i), loads.get(i)) {

@@ -16,9 +16,11 @@
 
 use std::collections::BinaryHeap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Instance, Snapshot};
+
+use crate::per_snapshot::PerSnapshot;
 
 use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
@@ -29,28 +31,14 @@ pub const MAX_PERIOD: usize = 1 << 16;
 /// One period of smooth weighted round robin, as slot indices; `None` when all weights are equal.
 type Schedule = Option<Arc<[u32]>>;
 
-/// The schedule of the last snapshot built, shared by the threads that move to it next.
-#[derive(Default)]
-struct Schedules {
-    current: Option<(u64, Slots<Instance>, Schedule)>,
-}
-
-impl Schedules {
-    fn for_snapshot<E>(&mut self, snapshot: &Snapshot<E>) -> Schedule {
-        if let Some((version, instances, schedule)) = &self.current {
-            if *version == snapshot.version() && instances.ptr_eq(snapshot.instances()) {
-                return schedule.clone();
-            }
-        }
-        // One weight per endpoint: an endpoint without an instance (a broken endpointer) has 1.
-        let instances = snapshot.instances();
-        let weights: Vec<u32> = (0..snapshot.endpoints().len())
-            .map(|i| instances.get(i).map_or(1, Instance::weight))
-            .collect();
-        let schedule = schedule(&weights);
-        self.current = Some((snapshot.version(), instances.clone(), schedule.clone()));
-        schedule
-    }
+/// The schedule of `snapshot`: one weight per endpoint (an endpoint without an instance, from a
+/// broken endpointer, has 1).
+fn schedule_of<E>(snapshot: &Snapshot<E>) -> Schedule {
+    let instances = snapshot.instances();
+    let weights: Vec<u32> = (0..snapshot.endpoints().len())
+        .map(|i| instances.get(i).map_or(1, Instance::weight))
+        .collect();
+    schedule(&weights)
 }
 
 /// One period of smooth weighted round robin over `weights` (slot `i` has `weights[i]`).
@@ -172,7 +160,7 @@ fn earliest_deadline(weights: &[u64], total: u64) -> Vec<u32> {
 /// ```
 pub struct WeightedRoundRobin<E: Send + Sync, P> {
     endpointer: P,
-    schedules: Mutex<Schedules>,
+    schedules: PerSnapshot<Schedule>,
     cache: ThreadCache<E, RrState>,
 }
 
@@ -195,7 +183,7 @@ impl<E: Send + Sync, P: Endpointer<E>> WeightedRoundRobin<E, P> {
     pub fn new(endpointer: P) -> Self {
         WeightedRoundRobin {
             endpointer,
-            schedules: Mutex::default(),
+            schedules: PerSnapshot::default(),
             cache: ThreadCache::new(),
         }
     }
@@ -229,8 +217,7 @@ where
                 next: ordinal,
             },
             |snapshot, state| {
-                let mut schedules = self.schedules.lock().unwrap_or_else(|e| e.into_inner());
-                state.schedule = schedules.for_snapshot(snapshot);
+                state.schedule = self.schedules.get(snapshot, || schedule_of(snapshot));
             },
             #[inline(always)]
             |endpoints, snapshot, state| {
@@ -285,7 +272,7 @@ impl<E: Send + Sync, P: Endpointer<E>> fmt::Debug for WeightedRoundRobin<E, P> {
 pub struct WeightedRandom<E: Send + Sync, P> {
     endpointer: P,
     seed: Option<u64>,
-    schedules: Mutex<Schedules>,
+    schedules: PerSnapshot<Schedule>,
     cache: ThreadCache<E, RandomState>,
 }
 
@@ -329,7 +316,7 @@ impl<E: Send + Sync, P: Endpointer<E>> WeightedRandom<E, P> {
         WeightedRandom {
             endpointer,
             seed,
-            schedules: Mutex::default(),
+            schedules: PerSnapshot::default(),
             cache: ThreadCache::new(),
         }
     }
@@ -363,8 +350,7 @@ where
                 rng: thread_rng(self.seed, ordinal),
             },
             |snapshot, state| {
-                let mut schedules = self.schedules.lock().unwrap_or_else(|e| e.into_inner());
-                state.schedule = schedules.for_snapshot(snapshot);
+                state.schedule = self.schedules.get(snapshot, || schedule_of(snapshot));
             },
             #[inline(always)]
             |endpoints, snapshot, state| {

@@ -10,11 +10,16 @@
 //! `min_local` protects a zone that shrank to one or two instances from taking the whole zone's
 //! traffic; `min_share` does the same relative to the fleet (with 3 zones of equal size, 0.2
 //! spills once the local zone holds under a fifth of the instances).
+//!
+//! That rule counts instances. To spill by *load* (the zone keeps its traffic while it keeps up,
+//! and sheds it once it is busier than the rest), use [`P2c::in_zone`](crate::P2c::in_zone).
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Snapshot};
+
+use crate::per_snapshot::PerSnapshot;
 
 use crate::thread_cache::ThreadCache;
 
@@ -49,7 +54,7 @@ pub struct ZoneAware<E: Send + Sync, P> {
     zone: Arc<str>,
     min_local: usize,
     min_share: f64,
-    groups: Mutex<Groups>,
+    groups: PerSnapshot<Group>,
     cache: ThreadCache<E, ZoneState>,
 }
 
@@ -59,12 +64,6 @@ type Group = Option<Arc<[u32]>>;
 struct ZoneState {
     group: Group,
     next: usize,
-}
-
-/// The group of the last snapshot computed, shared by the threads that move to it next.
-#[derive(Default)]
-struct Groups {
-    current: Option<(u64, Slots<Instance>, Group)>,
 }
 
 impl<E: Send + Sync, P: Endpointer<E>> ZoneAware<E, P> {
@@ -84,7 +83,7 @@ impl<E: Send + Sync, P: Endpointer<E>> ZoneAware<E, P> {
             zone: Arc::from(zone.as_ref()),
             min_local: 1,
             min_share: 0.0,
-            groups: Mutex::default(),
+            groups: PerSnapshot::default(),
             cache: ThreadCache::new(),
         }
     }
@@ -136,33 +135,16 @@ impl<E: Send + Sync, P: Endpointer<E>> ZoneAware<E, P> {
 
     /// The slots to pick from in `snapshot`: the local ones, or all (`None`).
     fn group(&self, snapshot: &Snapshot<E>) -> Group {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((version, instances, group)) = &groups.current {
-            if *version == snapshot.version() && instances.ptr_eq(snapshot.instances()) {
-                return group.clone();
+        self.groups.get(snapshot, || {
+            let all = snapshot.endpoints().len();
+            let local: Vec<u32> = crate::per_snapshot::slots_in_zone(snapshot, &self.zone);
+            let enough = local.len() >= self.min_local
+                && local.len() as f64 >= self.min_share * all as f64;
+            if !enough && all > 0 {
+                tracing::debug!(zone = %self.zone, all, "too few local instances: spilling over all zones");
             }
-        }
-        let all = snapshot.endpoints().len();
-        let local: Vec<u32> = snapshot
-            .instances()
-            .iter()
-            .take(all)
-            .enumerate()
-            .filter(|(_, i)| i.zone() == Some(&*self.zone))
-            .map(|(slot, _)| slot as u32)
-            .collect();
-        let enough =
-            local.len() >= self.min_local && local.len() as f64 >= self.min_share * all as f64;
-        let group: Group = enough.then(|| Arc::from(local));
-        if group.is_none() && all > 0 {
-            tracing::debug!(zone = %self.zone, all, "too few local instances: spilling over all zones");
-        }
-        groups.current = Some((
-            snapshot.version(),
-            snapshot.instances().clone(),
-            group.clone(),
-        ));
-        group
+            enough.then(|| Arc::from(local))
+        })
     }
 }
 

@@ -161,3 +161,39 @@ async fn zone_preference_spills_when_the_local_zone_is_too_small() {
     seen.dedup();
     assert_eq!(seen.len(), 10, "spilled over all: {seen:?}");
 }
+
+/// P2C in a zone: the zone takes every request while it keeps up, and sheds load once its best
+/// instance is `spill` times busier than another.
+#[tokio::test]
+async fn p2c_in_a_zone_spills_by_load() {
+    let instances = Instances::new([
+        zoned("a1", "a"),
+        zoned("a2", "a"),
+        zoned("b1", "b"),
+        zoned("b2", "b"),
+        zoned("b3", "b"),
+    ]);
+    let e = endpointer(&instances).await;
+    let p2c = P2c::with_seed(&e, 21).in_zone("a", 2.0).unwrap();
+    // Light load: each request is over before the next, all in zone a.
+    for _ in 0..100 {
+        assert!(p2c.endpoint().unwrap().starts_with('a'));
+    }
+    // Sustained load: every request held.
+    let held: Vec<_> = (0..200).map(|_| p2c.endpoint().unwrap()).collect();
+    let mut loads: HashMap<String, usize> = HashMap::new();
+    for g in &held {
+        *loads.entry((**g).clone()).or_insert(0) += 1;
+    }
+    let local = loads["a1"] + loads["a2"];
+    let remote = 200 - local;
+    assert!(remote > 0, "zone a never shed load: {loads:?}");
+    // Each zone-a instance ends near 2x (load + 1) of the zone-b ones.
+    let per_remote = remote as f64 / 3.0;
+    let per_local = local as f64 / 2.0;
+    assert!(
+        per_local > 1.5 * per_remote && per_local < 2.5 * (per_remote + 1.0),
+        "{loads:?}"
+    );
+    assert!(P2c::new(&e).in_zone("a", 0.5).is_err());
+}
