@@ -183,6 +183,31 @@ impl Metadata {
         }
     }
 
+    /// Reads `weight`, `zone` and `labels` from free-form metadata: each only where it has our
+    /// type (a weight from 1 to `u32::MAX`, a string zone, string labels); others are ignored.
+    fn read_lenient(object: &serde_json::Map<String, serde_json::Value>) -> Self {
+        let mut meta = Metadata::new();
+        if let Some(w) = object
+            .get("weight")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|w| u32::try_from(w).ok())
+            .filter(|w| *w >= 1)
+        {
+            meta.weight = w;
+        }
+        if let Some(z) = object.get("zone").and_then(serde_json::Value::as_str) {
+            meta.zone = Some(Arc::from(z));
+        }
+        if let Some(labels) = object.get("labels").and_then(serde_json::Value::as_object) {
+            for (k, v) in labels {
+                if let Some(v) = v.as_str() {
+                    meta.labels.insert(Arc::from(k.as_str()), Arc::from(v));
+                }
+            }
+        }
+        meta
+    }
+
     /// Reads `weight`, `zone` and `labels` from a JSON object (each optional).
     fn read(object: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
         let mut meta = Metadata::new();
@@ -300,7 +325,7 @@ impl ValueFormat {
                         "a plain value carries no metadata: register with ValueFormat::EtcdNaming or ValueFormat::Json",
                     ));
                 }
-                if addr.starts_with('{') {
+                if addr.trim_start().starts_with('{') {
                     return Err(Error::invalid_argument(format!(
                         "plain address {addr:?} starts with '{{' and would be read as JSON"
                     )));
@@ -368,8 +393,9 @@ impl Instance {
     }
 
     /// The instance a stored value names, in any [`ValueFormat`]: plain, etcd's naming JSON, or
-    /// ours. An error (saying what is wrong) for JSON that is invalid, has no address, or has
-    /// metadata of the wrong type, and for an empty value.
+    /// ours. An error (saying what is wrong) for JSON that is invalid or has no address, for our
+    /// format's fields of the wrong type, and for an empty value. In etcd's format `Metadata` is
+    /// free-form: our fields are taken where they have our types, others are ignored.
     ///
     /// ```
     /// use sd_core::Instance;
@@ -404,9 +430,10 @@ impl Instance {
                 Some(op) if op.as_u64() == Some(0) => {}
                 Some(op) => return Err(bad(format!("Op {op} is not 0 (add)"))),
             }
+            // etcd's Metadata is free-form (other programs put their own fields there): ours
+            // are taken where they have our types, and anything else is left alone.
             let meta = match object.get("Metadata") {
-                Some(serde_json::Value::Object(m)) => Metadata::read(m).map_err(&bad)?,
-                // etcd's Metadata is free-form: anything else carries none of ours.
+                Some(serde_json::Value::Object(m)) => Metadata::read_lenient(m),
                 _ => Metadata::new(),
             };
             (addr, meta)
@@ -638,6 +665,19 @@ mod tests {
         let plain = Instance::from_value("10.0.0.1:80").unwrap();
         assert_eq!(plain, Instance::new("10.0.0.1:80"));
         assert_eq!(plain.metadata(), &Metadata::default());
+    }
+
+    /// etcd's Metadata is free-form: fields of other types are not ours and are ignored,
+    /// where our own JSON format refuses them.
+    #[test]
+    fn foreign_metadata_in_etcds_format_is_tolerated() {
+        let i = Instance::from_value(
+            r#"{"Op":0,"Addr":"a:1","Metadata":{"weight":"heavy","zone":"z","labels":{"k":1,"ok":"v"},"version":3}}"#,
+        )
+        .unwrap();
+        assert_eq!((i.weight(), i.zone()), (1, Some("z")));
+        assert_eq!(i.metadata().labels().len(), 1);
+        assert!(Instance::from_value(r#"{"addr":"a:1","weight":"heavy"}"#).is_err());
     }
 
     #[test]
