@@ -282,10 +282,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> Maglev<E, P> {
                 0 => None,
                 m => view.table.get((hash % m as u64) as usize),
             };
-            match slot.and_then(|&s| endpoints.get(s as usize)) {
-                Some(e) => Ok(e.clone()),
-                None => Err(snapshot.no_endpoints()),
-            }
+            crate::pick::cloned_at(endpoints, snapshot, slot.map(|&s| s as usize))
         })
     }
 

@@ -63,6 +63,7 @@
 pub mod hash;
 pub mod p2c;
 mod per_snapshot;
+mod pick;
 mod random;
 mod retry;
 mod round_robin;

@@ -112,13 +112,8 @@ where
             // copied out of the callee's frame on every pick.
             #[inline(always)]
             |endpoints, snapshot, rng| {
-                if endpoints.is_empty() {
-                    return Err(snapshot.no_endpoints());
-                }
-                match endpoints.get(rng.usize(..endpoints.len())) {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Err(snapshot.no_endpoints()),
-                }
+                let slot = (!endpoints.is_empty()).then(|| rng.usize(..endpoints.len()));
+                crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
     }

@@ -85,22 +85,8 @@ where
             // copied out of the callee's frame on every pick.
             #[inline(always)]
             |endpoints, snapshot, next| {
-                let len = endpoints.len();
-                let mut i = *next;
-                if i >= len {
-                    // Only a thread's first pick (its position is its ordinal) or the first
-                    // after the set shrank: the division stays off the hot path.
-                    if len == 0 {
-                        return Err(snapshot.no_endpoints());
-                    }
-                    i %= len;
-                }
-                // Wrap with a compare, not a division.
-                *next = if i + 1 == len { 0 } else { i + 1 };
-                match endpoints.get(i) {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Err(snapshot.no_endpoints()),
-                }
+                let slot = crate::pick::step(next, endpoints.len());
+                crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
     }

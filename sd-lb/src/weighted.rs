@@ -222,32 +222,15 @@ where
             #[inline(always)]
             |endpoints, snapshot, state| {
                 let slot = match &state.schedule {
-                    None => step(&mut state.next, endpoints.len()),
-                    Some(s) => step(&mut state.next, s.len())
+                    None => crate::pick::step(&mut state.next, endpoints.len()),
+                    Some(s) => crate::pick::step(&mut state.next, s.len())
                         .and_then(|i| s.get(i))
                         .map(|&s| s as usize),
                 };
-                match slot.and_then(|i| endpoints.get(i)) {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Err(snapshot.no_endpoints()),
-                }
+                crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
     }
-}
-
-/// The position to pick at in a cycle of `len`, advancing `next`; `None` when `len` is 0.
-#[inline(always)]
-pub(crate) fn step(next: &mut usize, len: usize) -> Option<usize> {
-    let mut i = *next;
-    if i >= len {
-        if len == 0 {
-            return None;
-        }
-        i %= len;
-    }
-    *next = if i + 1 == len { 0 } else { i + 1 };
-    Some(i)
 }
 
 impl<E: Send + Sync, P: Endpointer<E>> fmt::Debug for WeightedRoundRobin<E, P> {
@@ -362,10 +345,7 @@ where
                     }
                     Some(_) => None,
                 };
-                match slot.and_then(|i| endpoints.get(i)) {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Err(snapshot.no_endpoints()),
-                }
+                crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
     }

@@ -167,15 +167,12 @@ where
             #[inline(always)]
             |endpoints, snapshot, state| {
                 let slot = match &state.group {
-                    None => crate::weighted::step(&mut state.next, endpoints.len()),
-                    Some(g) => crate::weighted::step(&mut state.next, g.len())
+                    None => crate::pick::step(&mut state.next, endpoints.len()),
+                    Some(g) => crate::pick::step(&mut state.next, g.len())
                         .and_then(|i| g.get(i))
                         .map(|&s| s as usize),
                 };
-                match slot.and_then(|i| endpoints.get(i)) {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Err(snapshot.no_endpoints()),
-                }
+                crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
     }

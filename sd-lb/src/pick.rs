@@ -1,0 +1,35 @@
+//! The two steps every balancer's pick ends with: advancing a cyclic position, and cloning the
+//! endpoint at a slot (or saying there is none).
+
+use sd_core::{Error, Slots, Snapshot};
+
+/// The position to pick at in a cycle of `len`, advancing `next`; `None` when `len` is 0.
+///
+/// `next` is out of range only on a thread's first pick (its position is its ordinal) or the
+/// first after the set shrank, so the division stays off the hot path: the cycle wraps with a
+/// compare.
+#[inline(always)]
+pub(crate) fn step(next: &mut usize, len: usize) -> Option<usize> {
+    let mut i = *next;
+    if i >= len {
+        if len == 0 {
+            return None;
+        }
+        i %= len;
+    }
+    *next = if i + 1 == len { 0 } else { i + 1 };
+    Some(i)
+}
+
+/// The endpoint at `slot`, cloned, or the snapshot's "no endpoints" error.
+#[inline(always)]
+pub(crate) fn cloned_at<E: Clone>(
+    endpoints: &Slots<E>,
+    snapshot: &Snapshot<E>,
+    slot: Option<usize>,
+) -> Result<E, Error> {
+    match slot.and_then(|i| endpoints.get(i)) {
+        Some(endpoint) => Ok(endpoint.clone()),
+        None => Err(snapshot.no_endpoints()),
+    }
+}
