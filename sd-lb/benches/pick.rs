@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
 use futures::FutureExt;
 use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer, Instance, Metadata, ValueFormat};
-use sd_lb::{Maglev, P2c, Random, Retry, RoundRobin, WeightedRandom, WeightedRoundRobin};
+use sd_lb::{
+    Maglev, P2c, Random, Retry, RetryBudget, RoundRobin, WeightedRandom, WeightedRoundRobin,
+};
 
 const SIZES: [usize; 4] = [1, 10, 1_000, 10_000];
 
@@ -215,6 +217,16 @@ fn bench_retry(c: &mut Criterion) {
     .expect("valid retry settings");
     group.bench_function("retry_round_robin_live", |b| {
         b.iter(|| retry.call(endpoint).now_or_never())
+    });
+    let budgeted = Retry::new(
+        RoundRobin::new(sets.live.clone()),
+        3,
+        Duration::from_secs(1),
+    )
+    .expect("valid retry settings")
+    .with_budget(Arc::new(RetryBudget::new(10, 0.1).expect("a valid budget")));
+    group.bench_function("retry_round_robin_live_budget", |b| {
+        b.iter(|| budgeted.call(endpoint).now_or_never())
     });
     let retry_p2c = Retry::new(P2c::new(sets.live.clone()), 3, Duration::from_secs(1))
         .expect("valid retry settings");

@@ -75,8 +75,8 @@ pub use hash::{hash_key, ForKey, Held, Maglev};
 pub use p2c::{InFlight, P2c};
 pub use random::Random;
 pub use retry::{
-    decide_with, AlwaysRetry, AttemptError, DecideWith, Decision, Retry, RetryCallback, RetryError,
-    StopReason,
+    decide_with, AlwaysRetry, AttemptError, DecideWith, Decision, Retry, RetryBudget,
+    RetryCallback, RetryError, StopReason,
 };
 pub use round_robin::RoundRobin;
 pub use weighted::{WeightedRandom, WeightedRoundRobin};

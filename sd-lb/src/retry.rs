@@ -4,6 +4,8 @@
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -19,9 +21,14 @@ use tokio::time::Instant;
 ///   (cancelled) and the call fails with [`StopReason::Deadline`]. It runs from the moment the
 ///   call first has to wait (what runs before, the pick and the synchronous start of the first
 ///   attempt, takes no time worth timing), so a call that succeeds at once never reads the clock.
-/// - No pause between attempts unless asked for with [`with_backoff`](Self::with_backoff).
+/// - No pause between attempts unless asked for: fixed ([`with_backoff`](Self::with_backoff))
+///   or exponential with full jitter
+///   ([`with_exponential_backoff`](Self::with_exponential_backoff)).
+/// - An optional [`RetryBudget`] ([`with_budget`](Self::with_budget)), shared by calls, stops
+///   retrying when too many attempts fail ([`StopReason::Budget`]), so a failing service does
+///   not get `max` times its load.
 /// - An optional callback ([`with_callback`](Self::with_callback)) sees each attempt's error,
-///   unchanged, and decides whether to go on.
+///   unchanged, and decides whether to go on (and may replace the final error).
 /// - The error, [`RetryError`], carries every attempt's error and why the retrying stopped.
 ///
 /// `call` takes a generic closure and returns a future that is not boxed; when the first attempt
@@ -57,6 +64,9 @@ pub struct Retry<B, C = AlwaysRetry> {
     max: usize,
     deadline: Duration,
     backoff: Option<Duration>,
+    /// With a cap, the backoff is exponential with full jitter, up to the cap.
+    backoff_cap: Option<Duration>,
+    budget: Option<Arc<RetryBudget>>,
     callback: C,
 }
 
@@ -93,6 +103,8 @@ impl<B: Balancer> Retry<B> {
             max,
             deadline,
             backoff: None,
+            backoff_cap: None,
+            budget: None,
             callback: AlwaysRetry,
         })
     }
@@ -114,6 +126,54 @@ impl<B: Balancer, C> Retry<B, C> {
     /// ```
     pub fn with_backoff(mut self, backoff: Duration) -> Self {
         self.backoff = (!backoff.is_zero()).then_some(backoff);
+        self.backoff_cap = None;
+        self
+    }
+
+    /// Waits after each failed attempt a random time between zero and `base × 2^(n-1)` after the
+    /// n-th failure, at most `cap` ("full jitter", as in the AWS Architecture Blog's
+    /// *Exponential Backoff and Jitter*): clients that failed together do not retry together.
+    /// The waits count against the deadline.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sd_core::FixedEndpointer;
+    /// use sd_lb::{Retry, RoundRobin};
+    ///
+    /// let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 5, Duration::from_secs(5))
+    ///     .unwrap()
+    ///     .with_exponential_backoff(Duration::from_millis(10), Duration::from_secs(1));
+    /// assert_eq!(retry.backoff(), Some(Duration::from_millis(10)));
+    /// ```
+    pub fn with_exponential_backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.backoff = (!base.is_zero()).then_some(base);
+        self.backoff_cap = Some(cap.max(base));
+        self
+    }
+
+    /// Shares `budget` (usually one per service, across all its `Retry`s): a retry is made only
+    /// while the budget allows it, and a call whose retries it refuses fails with
+    /// [`StopReason::Budget`]. Without a budget, every failed attempt may be retried up to
+    /// `max`, which multiplies the load on a failing service.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use sd_core::FixedEndpointer;
+    /// use sd_lb::{Retry, RetryBudget, RoundRobin, StopReason};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let budget = Arc::new(RetryBudget::new(4, 0.1).unwrap());
+    /// let retry = Retry::new(RoundRobin::new(FixedEndpointer::new(vec![1])), 10, Duration::from_secs(1))
+    ///     .unwrap()
+    ///     .with_budget(budget.clone());
+    /// let err = retry.call(|_| async { Err::<(), _>("down") }).await.unwrap_err();
+    /// assert_eq!(err.reason(), StopReason::Budget);
+    /// assert_eq!(err.attempts(), 2, "4 tokens: retries stop at half of them");
+    /// # });
+    /// ```
+    pub fn with_budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -147,6 +207,8 @@ impl<B: Balancer, C> Retry<B, C> {
             max: self.max,
             deadline: self.deadline,
             backoff: self.backoff,
+            backoff_cap: self.backoff_cap,
+            budget: self.budget,
             callback,
         }
     }
@@ -280,11 +342,19 @@ impl<B: Balancer, C> Retry<B, C> {
             *started = attempt;
             let err = match self.balancer.endpoint() {
                 Ok(endpoint) => match f(endpoint).await {
-                    Ok(value) => return Ok(value),
+                    Ok(value) => {
+                        if let Some(budget) = &self.budget {
+                            budget.succeeded();
+                        }
+                        return Ok(value);
+                    }
                     Err(e) => AttemptError::Call(e),
                 },
                 Err(e) => AttemptError::Balancer(e),
             };
+            if let Some(budget) = &self.budget {
+                budget.failed();
+            }
             let decision = self.callback.decide(attempt, &err);
             errors.push(err);
             match decision {
@@ -296,14 +366,31 @@ impl<B: Balancer, C> Retry<B, C> {
                 }
             }
             if attempt < self.max {
-                if let Some(backoff) = self.backoff {
+                if self.budget.as_ref().is_some_and(|b| !b.allows_retry()) {
+                    return Err(StopReason::Budget);
+                }
+                if let Some(wait) = self.wait(attempt) {
                     // Boxed: only failed calls get here (and the error list has allocated
                     // already), and a timer inline would make every call's future bigger.
-                    Box::pin(tokio::time::sleep(backoff)).await;
+                    Box::pin(tokio::time::sleep(wait)).await;
                 }
             }
         }
         Err(StopReason::MaxAttempts)
+    }
+
+    /// The wait after failed attempt number `attempt`: the fixed backoff, or a full-jitter draw
+    /// below the exponential bound.
+    fn wait(&self, attempt: usize) -> Option<Duration> {
+        let base = self.backoff?;
+        let Some(cap) = self.backoff_cap else {
+            return Some(base);
+        };
+        let doublings = u32::try_from(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(32);
+        let bound = base.saturating_mul(1 << doublings.min(31)).min(cap);
+        Some(bound.mul_f64(fastrand::f64()))
     }
 }
 
@@ -316,6 +403,99 @@ impl<B: fmt::Debug, C> fmt::Debug for Retry<B, C> {
             .field("backoff", &self.backoff)
             .field("callback", &std::any::type_name::<C>())
             .finish()
+    }
+}
+
+/// A budget for retries shared by calls, after gRPC's retry throttling (gRFC A6, the
+/// `retryThrottling` service config): a bucket of tokens, full at first. Each failed attempt
+/// takes one token, each successful call gives back `token_ratio` of one (never above
+/// `max_tokens`), and retries are made only while more than half of `max_tokens` are left. So
+/// while calls succeed retries cost nothing, and when most of them fail the load of retries
+/// falls to about `token_ratio` retries per success instead of `max - 1` per call: no retry
+/// storm. gRPC's example setting is `max_tokens` 10 and `token_ratio` 0.1.
+///
+/// The success path reads one shared counter and writes it only while the bucket is not full.
+///
+/// ```
+/// use sd_lb::RetryBudget;
+///
+/// let budget = RetryBudget::new(10, 0.1).unwrap();
+/// assert_eq!(budget.tokens(), 10.0);
+/// assert!(RetryBudget::new(0, 0.1).is_err());
+/// assert!(RetryBudget::new(10, 0.0).is_err());
+/// ```
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Thousandths of a token.
+    tokens: AtomicU32,
+    max: u32,
+    ratio: u32,
+}
+
+impl RetryBudget {
+    /// A budget of `max_tokens` (1 to 1 000) regaining `token_ratio` (above 0, at most 1) of a
+    /// token per successful call.
+    ///
+    /// ```
+    /// assert!(sd_lb::RetryBudget::new(100, 0.5).is_ok());
+    /// ```
+    pub fn new(max_tokens: u32, token_ratio: f64) -> Result<Self, Error> {
+        if !(1..=1000).contains(&max_tokens) {
+            return Err(Error::invalid_argument(format!(
+                "retry budget of {max_tokens} tokens: use 1 to 1000 (gRPC's example is 10)"
+            )));
+        }
+        if !(token_ratio > 0.0 && token_ratio <= 1.0) {
+            return Err(Error::invalid_argument(format!(
+                "retry budget token ratio {token_ratio}: use more than 0 and at most 1 (gRPC's example is 0.1)"
+            )));
+        }
+        let max = max_tokens * 1000;
+        Ok(RetryBudget {
+            tokens: AtomicU32::new(max),
+            max,
+            ratio: ((token_ratio * 1000.0).round() as u32).max(1),
+        })
+    }
+
+    /// The tokens left.
+    ///
+    /// ```
+    /// let b = sd_lb::RetryBudget::new(3, 1.0).unwrap();
+    /// assert_eq!(b.tokens(), 3.0);
+    /// ```
+    pub fn tokens(&self) -> f64 {
+        f64::from(self.tokens.load(Ordering::Relaxed)) / 1000.0
+    }
+
+    /// Whether a retry may be made now: more than half of the tokens left.
+    ///
+    /// ```
+    /// let b = sd_lb::RetryBudget::new(2, 0.1).unwrap();
+    /// assert!(b.allows_retry());
+    /// ```
+    pub fn allows_retry(&self) -> bool {
+        self.tokens.load(Ordering::Relaxed) > self.max / 2
+    }
+
+    fn succeeded(&self) {
+        // Full (the usual case while calls succeed): a read, no write.
+        if self.tokens.load(Ordering::Relaxed) >= self.max {
+            return;
+        }
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(self.ratio).min(self.max))
+            });
+    }
+
+    fn failed(&self) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(1000))
+            });
     }
 }
 
@@ -508,6 +688,9 @@ pub enum StopReason {
     /// The [`RetryCallback`] said not to go on.
     #[error("the callback said stop")]
     Callback,
+    /// The [`RetryBudget`] allowed no more retries: too many attempts are failing.
+    #[error("the retry budget is spent")]
+    Budget,
 }
 
 /// The error of [`Retry::call`]: every attempt's error, in order, and why retrying stopped.
@@ -656,6 +839,10 @@ impl<Er: fmt::Display> fmt::Display for RetryError<Er> {
             StopReason::Callback => write!(
                 f,
                 "the retry callback stopped retrying after {n} attempt{s}"
+            )?,
+            StopReason::Budget => write!(
+                f,
+                "the retry budget allowed no retry after {n} attempt{s} (too many calls are failing)"
             )?,
             StopReason::Deadline => write!(
                 f,
@@ -903,6 +1090,73 @@ mod tests {
         let ms = |m| Duration::from_millis(m);
         assert_eq!(*times.lock().unwrap(), [ms(0), ms(100), ms(200)]);
         assert_eq!(start.elapsed(), ms(200), "no wait after the last attempt");
+    }
+
+    /// Exponential backoff with full jitter: each wait is below its doubling bound and the cap,
+    /// and the waits are not all the same (over 20 calls).
+    #[tokio::test(start_paused = true)]
+    async fn exponential_backoff_stays_below_its_bounds() {
+        let r = retry(vec![1], 6, Duration::from_secs(100))
+            .with_exponential_backoff(Duration::from_millis(100), Duration::from_millis(500));
+        let mut firsts = Vec::new();
+        for _ in 0..20 {
+            let start = Instant::now();
+            let times = Mutex::new(Vec::new());
+            r.call(|_| {
+                times.lock().unwrap().push(start.elapsed());
+                async { Err::<(), _>(()) }
+            })
+            .await
+            .unwrap_err();
+            let times = times.into_inner().unwrap();
+            let bounds = [100u64, 200, 400, 500, 500];
+            for (n, (w, bound)) in times.windows(2).zip(bounds).enumerate() {
+                let wait = w[1] - w[0];
+                assert!(
+                    wait <= Duration::from_millis(bound),
+                    "wait {} was {wait:?}, bound {bound} ms",
+                    n + 1
+                );
+            }
+            firsts.push(times[1]);
+        }
+        firsts.sort();
+        firsts.dedup();
+        assert!(
+            firsts.len() > 10,
+            "the waits are drawn, not fixed: {firsts:?}"
+        );
+    }
+
+    /// Every call failing: retries stop once the budget is half spent, whatever `max` is, and
+    /// come back as calls succeed again.
+    #[tokio::test]
+    async fn retries_stay_within_the_budget() {
+        let budget = Arc::new(RetryBudget::new(10, 0.1).unwrap());
+        let r = retry(vec![1, 2, 3], 10, Duration::from_secs(10)).with_budget(budget.clone());
+        let attempts = AtomicUsize::new(0);
+        let mut budget_stops = 0;
+        for _ in 0..100 {
+            let err = r
+                .call(|_| {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    async { Err::<(), _>("down") }
+                })
+                .await
+                .unwrap_err();
+            budget_stops += usize::from(err.reason() == StopReason::Budget);
+        }
+        let attempts = attempts.load(Ordering::SeqCst);
+        // 100 first attempts, then retries only while more than 5 of 10 tokens were left:
+        // 4 of them (without a budget: 900).
+        assert_eq!(attempts, 104, "retries: {}", attempts - 100);
+        assert_eq!(budget_stops, 100);
+        assert!(!budget.allows_retry());
+        // 60 successes give back 6 tokens: retries are allowed again.
+        for _ in 0..60 {
+            r.call(|_| async { Ok::<_, &str>(()) }).await.unwrap();
+        }
+        assert!(budget.allows_retry(), "tokens: {}", budget.tokens());
     }
 
     #[tokio::test(start_paused = true)]

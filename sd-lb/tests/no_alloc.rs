@@ -92,6 +92,9 @@ fn picks_from_a_live_endpointer_allocate_nothing() {
     let endpointer = std::sync::Arc::new(rt.block_on(instances.numbers()));
     picks_allocate_nothing(&RoundRobin::new(endpointer.clone()));
     picks_allocate_nothing(&Random::new(endpointer.clone()));
+    picks_allocate_nothing(&sd_lb::WeightedRoundRobin::new(endpointer.clone()));
+    picks_allocate_nothing(&sd_lb::WeightedRandom::new(endpointer.clone()));
+    picks_allocate_nothing(&sd_lb::ZoneAware::new(endpointer.clone(), "z"));
     picks_allocate_nothing(&P2c::new(endpointer));
 }
 
@@ -117,6 +120,20 @@ fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     assert_eq!((n, r), (0, 4500));
     let (n, r) = allocations(|| (0..1000).map(|_| call_p2c().unwrap().unwrap()).sum::<u64>());
     assert_eq!(n, 0, "sum {r}");
+    // With a retry budget: the success path reads it, and allocates nothing either.
+    let budget = std::sync::Arc::new(sd_lb::RetryBudget::new(10, 0.1).unwrap());
+    let rr = RoundRobin::new(FixedEndpointer::new((0..10u64).collect()));
+    let budgeted = Retry::new(rr, 3, Duration::from_secs(1))
+        .unwrap()
+        .with_budget(budget);
+    let call = || {
+        budgeted
+            .call(|e| async move { Ok::<_, String>(e) })
+            .now_or_never()
+    };
+    call();
+    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
+    assert_eq!((n, r), (0, 4500));
 }
 
 #[test]
