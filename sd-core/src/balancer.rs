@@ -27,6 +27,117 @@ pub trait Balancer: Send + Sync {
 
     /// Picks an endpoint.
     fn endpoint(&self) -> Result<Self::Endpoint, Error>;
+
+    /// Picks an endpoint other than those `tried` marks as failed, while another exists, and
+    /// records the pick in `tried` (a retry then calls [`Tried::failed`] if it failed). The
+    /// default ignores `tried`: a balancer that can steer around failed picks overrides it.
+    ///
+    /// ```
+    /// use sd_core::{Balancer, Error, Tried};
+    ///
+    /// struct First(Vec<&'static str>);
+    /// impl Balancer for First {
+    ///     type Endpoint = &'static str;
+    ///     fn endpoint(&self) -> Result<&'static str, Error> {
+    ///         self.0.first().copied().ok_or(Error::NoEndpoints { last_error: None })
+    ///     }
+    /// }
+    /// let mut tried = Tried::new();
+    /// assert_eq!(First(vec!["a"]).endpoint_avoiding(&mut tried).unwrap(), "a");
+    /// ```
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<Self::Endpoint, Error> {
+        let _ = tried;
+        self.endpoint()
+    }
+}
+
+/// The picks of one call that failed, so its retries go elsewhere (see
+/// [`Balancer::endpoint_avoiding`]).
+///
+/// Picks are recorded by the position of the endpoint in the balancer's snapshot (its slot)
+/// and that snapshot's version. When the set changes between attempts the positions mean other
+/// instances, so what was tried before is forgotten rather than misapplied.
+///
+/// Recording a pick writes two words; only [`failed`](Self::failed) keeps it (allocating on the
+/// first failure), so a call whose first attempt succeeds allocates nothing.
+///
+/// ```
+/// use sd_core::Tried;
+///
+/// let mut tried = Tried::new();
+/// tried.record(7, 2);
+/// assert!(!tried.avoids(7, 2), "recorded, not yet failed");
+/// tried.failed();
+/// assert!(tried.avoids(7, 2));
+/// assert!(!tried.avoids(8, 2), "another version: forgotten");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Tried {
+    /// The snapshot version `slots` belong to.
+    version: u64,
+    slots: Vec<u32>,
+    /// The last pick, not yet known to have failed.
+    last: Option<(u64, u32)>,
+}
+
+impl Tried {
+    /// Nothing tried yet.
+    ///
+    /// ```
+    /// assert!(!sd_core::Tried::new().any(0));
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a pick: slot `slot` of the snapshot of version `version` (by balancers).
+    ///
+    /// ```
+    /// let mut t = sd_core::Tried::new();
+    /// t.record(1, 0);
+    /// ```
+    #[inline]
+    pub fn record(&mut self, version: u64, slot: usize) {
+        self.last = u32::try_from(slot).ok().map(|s| (version, s));
+    }
+
+    /// The last recorded pick failed: avoid it from now on (by retries).
+    ///
+    /// ```
+    /// let mut t = sd_core::Tried::new();
+    /// t.record(1, 3);
+    /// t.failed();
+    /// assert!(t.any(1));
+    /// ```
+    pub fn failed(&mut self) {
+        if let Some((version, slot)) = self.last.take() {
+            if version != self.version {
+                self.version = version;
+                self.slots.clear();
+            }
+            self.slots.push(slot);
+        }
+    }
+
+    /// Whether slot `slot` of version `version` failed in this call.
+    ///
+    /// ```
+    /// assert!(!sd_core::Tried::new().avoids(0, 0));
+    /// ```
+    #[inline]
+    pub fn avoids(&self, version: u64, slot: usize) -> bool {
+        version == self.version && self.slots.iter().any(|&s| s as usize == slot)
+    }
+
+    /// Whether any pick of version `version` failed in this call.
+    ///
+    /// ```
+    /// assert!(!sd_core::Tried::new().any(3));
+    /// ```
+    #[inline]
+    pub fn any(&self, version: u64) -> bool {
+        version == self.version && !self.slots.is_empty()
+    }
 }
 
 impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
@@ -34,11 +145,17 @@ impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
     fn endpoint(&self) -> Result<Self::Endpoint, Error> {
         (**self).endpoint()
     }
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<Self::Endpoint, Error> {
+        (**self).endpoint_avoiding(tried)
+    }
 }
 
 impl<B: Balancer + ?Sized> Balancer for &B {
     type Endpoint = B::Endpoint;
     fn endpoint(&self) -> Result<Self::Endpoint, Error> {
         (**self).endpoint()
+    }
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<Self::Endpoint, Error> {
+        (**self).endpoint_avoiding(tried)
     }
 }

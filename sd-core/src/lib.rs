@@ -56,7 +56,7 @@ mod discover;
 #[cfg(feature = "tower")]
 pub use discover::{discover, Discovery};
 
-pub use balancer::Balancer;
+pub use balancer::{Balancer, Tried};
 pub use endpointer::{
     slots, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Slots, Snapshot,
 };

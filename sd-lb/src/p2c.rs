@@ -31,7 +31,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, Weak};
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot, Tried};
 
 use crate::per_snapshot::PerSnapshot;
 use crate::random::thread_rng;
@@ -394,56 +394,100 @@ where
                 loads: Slots::new(),
                 local: Arc::from(Vec::new()),
             },
-            |snapshot, local| {
-                let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-                local.loads = registry.table(snapshot);
-                drop(registry);
-                local.local = self.local_slots(snapshot);
-            },
+            |snapshot, local| self.refresh(snapshot, local),
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
             |endpoints, snapshot, local| {
-                let loads = &local.loads;
-                let n = endpoints.len().min(loads.len());
-                let i = match n {
-                    0 => return Err(snapshot.no_endpoints()),
-                    1 => 0,
-                    _ if !local.local.is_empty() => {
-                        let zone = &local.local;
-                        let best = match zone.len() {
-                            1 => zone[0] as usize,
-                            m => {
-                                let (a, b) = two(&mut local.rng, m);
-                                lighter(loads, zone[a] as usize, zone[b] as usize)
-                            }
-                        };
-                        let other = local.rng.usize(..n);
-                        let spill = self.zone.as_ref().map_or(f64::INFINITY, |z| z.spill);
-                        match (loads.get(best), loads.get(other)) {
-                            (Some(lb), Some(lo))
-                                if per_weight(lb, 0) > spill * per_weight(lo, 1) =>
-                            {
-                                other
-                            }
-                            _ => best,
-                        }
-                    }
-                    _ => {
-                        let (a, b) = two(&mut local.rng, n);
-                        lighter(loads, a, b)
-                    }
-                };
-                match (endpoints.get(i), loads.get(i)) {
-                    (Some(endpoint), Some(counter)) => Ok(InFlight {
-                        endpoint: endpoint.clone(),
-                        // This clone is the request in flight.
-                        load: counter.load.clone(),
-                    }),
-                    _ => Err(snapshot.no_endpoints()),
+                let n = endpoints.len().min(local.loads.len());
+                if n == 0 {
+                    return Err(snapshot.no_endpoints());
                 }
+                let i = self.choose(local, n);
+                guard_at(endpoints, &local.loads, snapshot, i)
             },
         )
+    }
+
+    /// The less loaded of two endpoints that have not failed in this call (see
+    /// [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<InFlight<E>, Error> {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| Local {
+                rng: thread_rng(self.seed, ordinal),
+                loads: Slots::new(),
+                local: Arc::from(Vec::new()),
+            },
+            |snapshot, local| self.refresh(snapshot, local),
+            |endpoints, snapshot, local| {
+                let n = endpoints.len().min(local.loads.len());
+                if n == 0 {
+                    return Err(snapshot.no_endpoints());
+                }
+                let i = self.choose(local, n);
+                let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
+                guard_at(endpoints, &local.loads, snapshot, i)
+            },
+        )
+    }
+}
+
+impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
+    /// Moves a thread's state to `snapshot`: its counter table and its zone's slots.
+    fn refresh(&self, snapshot: &Snapshot<E>, local: &mut Local) {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        local.loads = registry.table(snapshot);
+        drop(registry);
+        local.local = self.local_slots(snapshot);
+    }
+
+    /// The slot to pick among `n` (at least 1): the lighter of two random ones per unit of
+    /// weight, within the preferred zone unless it spills.
+    #[inline(always)]
+    fn choose(&self, local: &mut Local, n: usize) -> usize {
+        let loads = &local.loads;
+        match n {
+            1 => 0,
+            _ if !local.local.is_empty() => {
+                let zone = &local.local;
+                let best = match zone.len() {
+                    1 => zone[0] as usize,
+                    m => {
+                        let (a, b) = two(&mut local.rng, m);
+                        lighter(loads, zone[a] as usize, zone[b] as usize)
+                    }
+                };
+                let other = local.rng.usize(..n);
+                let spill = self.zone.as_ref().map_or(f64::INFINITY, |z| z.spill);
+                match (loads.get(best), loads.get(other)) {
+                    (Some(lb), Some(lo)) if per_weight(lb, 0) > spill * per_weight(lo, 1) => other,
+                    _ => best,
+                }
+            }
+            _ => {
+                let (a, b) = two(&mut local.rng, n);
+                lighter(loads, a, b)
+            }
+        }
+    }
+}
+
+/// The endpoint at slot `i` with its counter, as a request in flight.
+#[inline(always)]
+fn guard_at<E: Clone>(
+    endpoints: &Slots<E>,
+    loads: &Table,
+    snapshot: &Snapshot<E>,
+    i: usize,
+) -> Result<InFlight<E>, Error> {
+    match (endpoints.get(i), loads.get(i)) {
+        (Some(endpoint), Some(counter)) => Ok(InFlight {
+            endpoint: endpoint.clone(),
+            // This clone is the request in flight.
+            load: counter.load.clone(),
+        }),
+        _ => Err(snapshot.no_endpoints()),
     }
 }
 

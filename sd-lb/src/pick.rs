@@ -1,7 +1,7 @@
 //! The two steps every balancer's pick ends with: advancing a cyclic position, and cloning the
 //! endpoint at a slot (or saying there is none).
 
-use sd_core::{Error, Slots, Snapshot};
+use sd_core::{Error, Slots, Snapshot, Tried};
 
 /// The position to pick at in a cycle of `len`, advancing `next`; `None` when `len` is 0.
 ///
@@ -32,4 +32,20 @@ pub(crate) fn cloned_at<E: Clone>(
         Some(endpoint) => Ok(endpoint.clone()),
         None => Err(snapshot.no_endpoints()),
     }
+}
+
+/// For a retry: `slot` if it did not fail in this call, else the next slot in order (wrapping)
+/// of the `n` that did not; `slot` itself when all have failed. Records the result in `tried`.
+#[inline]
+pub(crate) fn avoiding(tried: &mut Tried, version: u64, slot: usize, n: usize) -> usize {
+    let chosen = if tried.any(version) && tried.avoids(version, slot) {
+        (1..n)
+            .map(|k| (slot + k) % n)
+            .find(|&s| !tried.avoids(version, s))
+            .unwrap_or(slot)
+    } else {
+        slot
+    };
+    tried.record(version, chosen);
+    chosen
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use sd_core::{Balancer, Endpointer, Error};
+use sd_core::{Balancer, Endpointer, Error, Tried};
 
 use crate::thread_cache::ThreadCache;
 
@@ -113,6 +113,22 @@ where
             #[inline(always)]
             |endpoints, snapshot, rng| {
                 let slot = (!endpoints.is_empty()).then(|| rng.usize(..endpoints.len()));
+                crate::pick::cloned_at(endpoints, snapshot, slot)
+            },
+        )
+    }
+
+    /// A random endpoint that has not failed in this call (see
+    /// [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| thread_rng(self.seed, ordinal),
+            |_, _| {},
+            |endpoints, snapshot, rng| {
+                let n = endpoints.len();
+                let slot = (n > 0)
+                    .then(|| crate::pick::avoiding(tried, snapshot.version(), rng.usize(..n), n));
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use sd_core::{Balancer, Error};
+use sd_core::{Balancer, Error, Tried};
 use tokio::time::Instant;
 
 /// Calls through a [`Balancer`], retrying failed attempts (go-kit's `Retry` and
@@ -17,6 +17,9 @@ use tokio::time::Instant;
 ///
 /// - At most `max` attempts; an attempt whose pick failed (e.g. [`Error::NoEndpoints`]) counts
 ///   as one, and its error is recorded.
+/// - A retry does not go back to an endpoint that already failed in this call while another
+///   one has not ([`Balancer::endpoint_avoiding`]; round robin, random and P2C steer around
+///   them, other balancers may not).
 /// - One `deadline` over all attempts: when it passes, the attempt in flight is dropped
 ///   (cancelled) and the call fails with [`StopReason::Deadline`]. It runs from the moment the
 ///   call first has to wait (what runs before, the pick and the synchronous start of the first
@@ -338,9 +341,11 @@ impl<B: Balancer, C> Retry<B, C> {
         Fut: Future<Output = Result<T, Er>>,
         C: RetryCallback<Er>,
     {
+        // The picks that failed: retries go to other endpoints while there are any.
+        let mut tried = Tried::new();
         for attempt in 1..=self.max {
             *started = attempt;
-            let err = match self.balancer.endpoint() {
+            let err = match self.balancer.endpoint_avoiding(&mut tried) {
                 Ok(endpoint) => match f(endpoint).await {
                     Ok(value) => {
                         if let Some(budget) = &self.budget {
@@ -352,6 +357,7 @@ impl<B: Balancer, C> Retry<B, C> {
                 },
                 Err(e) => AttemptError::Balancer(e),
             };
+            tried.failed();
             if let Some(budget) = &self.budget {
                 budget.failed();
             }

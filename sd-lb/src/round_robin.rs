@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use sd_core::{Balancer, Endpointer, Error};
+use sd_core::{Balancer, Endpointer, Error, Tried};
 
 use crate::thread_cache::ThreadCache;
 
@@ -86,6 +86,22 @@ where
             #[inline(always)]
             |endpoints, snapshot, next| {
                 let slot = crate::pick::step(next, endpoints.len());
+                crate::pick::cloned_at(endpoints, snapshot, slot)
+            },
+        )
+    }
+
+    /// The next endpoint in turn that has not failed in this call (see
+    /// [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| ordinal,
+            |_, _| {},
+            |endpoints, snapshot, next| {
+                let n = endpoints.len();
+                let slot = crate::pick::step(next, n)
+                    .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )

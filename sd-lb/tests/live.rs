@@ -281,3 +281,58 @@ async fn two_threads_pick_valid_endpoints_while_the_set_changes() {
         assert_eq!(f2.join().unwrap(), want);
     });
 }
+
+/// One retried call over three instances of which two fail: the attempts never go to the same
+/// failed instance twice, so the call always succeeds by its third attempt, for round robin,
+/// random and P2C alike.
+#[tokio::test]
+async fn a_retry_never_repeats_a_failed_instance() {
+    let instances = Instances::new(["bad1", "bad2", "good"]);
+    let endpointer = Arc::new(instances.strings().await);
+    async fn run<B>(name: &str, balancer: B)
+    where
+        B: sd_core::Balancer,
+        B::Endpoint: std::ops::Deref<Target = String>,
+    {
+        let retry = Retry::new(balancer, 3, Duration::from_secs(1)).unwrap();
+        for call in 0..300 {
+            let seen = std::sync::Mutex::new(Vec::new());
+            let out = retry
+                .call(|e| {
+                    let name = (*e).clone();
+                    seen.lock().unwrap().push(name.clone());
+                    async move {
+                        if name == "good" {
+                            Ok(())
+                        } else {
+                            Err(format!("{name} failed"))
+                        }
+                    }
+                })
+                .await;
+            let seen = seen.into_inner().unwrap();
+            let mut distinct = seen.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), seen.len(), "{name}, call {call}: {seen:?}");
+            assert!(out.is_ok(), "{name}, call {call}: {seen:?}");
+        }
+    }
+    /// Owned endpoints, seen through `Deref` as the guards of P2C are.
+    struct Owned<B>(B);
+    impl<B: sd_core::Balancer<Endpoint = String>> sd_core::Balancer for Owned<B> {
+        type Endpoint = Box<String>;
+        fn endpoint(&self) -> Result<Box<String>, sd_core::Error> {
+            self.0.endpoint().map(Box::new)
+        }
+        fn endpoint_avoiding(
+            &self,
+            tried: &mut sd_core::Tried,
+        ) -> Result<Box<String>, sd_core::Error> {
+            self.0.endpoint_avoiding(tried).map(Box::new)
+        }
+    }
+    run("round robin", Owned(RoundRobin::new(endpointer.clone()))).await;
+    run("random", Owned(Random::with_seed(endpointer.clone(), 5))).await;
+    run("p2c", P2c::with_seed(endpointer.clone(), 6)).await;
+}
