@@ -44,7 +44,9 @@ use crate::{Error, Event, EventStream, Factory, Instance, InstanceSet, Instancer
 /// # });
 /// ```
 pub struct Discovery<S, F> {
-    events: EventStream,
+    /// `None` once the instancer's stream has ended: it is never polled again (tower's
+    /// balancers poll a discovery stream again after it ended).
+    events: Option<EventStream>,
     factory: F,
     current: BTreeMap<Instance, CloseGuard>,
     /// The last event's set, to diff the next one against.
@@ -80,7 +82,7 @@ where
     F: Factory<S>,
 {
     Discovery {
-        events: instancer.subscribe(),
+        events: Some(instancer.subscribe()),
         factory,
         current: BTreeMap::new(),
         last: InstanceSet::new(),
@@ -146,12 +148,18 @@ where
             if let Some(change) = this.pending.pop_front() {
                 return Poll::Ready(Some(Ok(change)));
             }
-            match this.events.poll_next_unpin(cx) {
+            let Some(events) = this.events.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(Event::Instances(set))) => this.apply(set),
                 Poll::Ready(Some(Event::Error(err))) => {
                     tracing::warn!(error = %crate::Report(&err), "discovery error: keeping the current services");
                 }
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    this.events = None;
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -224,6 +232,9 @@ mod tests {
             d.next().await.is_none(),
             "the stream ends with the instancer"
         );
+        // tower's balancers poll a discovery stream again after it ended: no panic, still none.
+        assert!(d.next().await.is_none());
+        assert!(d.next().await.is_none());
         drop(d);
         assert_eq!(
             closed.load(Ordering::SeqCst),
