@@ -78,14 +78,19 @@ impl InstanceSet {
         self.0.is_empty()
     }
 
-    /// Whether `instance` is in the set. O(log N).
+    /// Whether `instance` is in the set: an [`Instance`], or a stored value as `&str` (an
+    /// instance is its stored value, not its address). O(log N).
     ///
     /// ```
     /// let set = sd_core::InstanceSet::from_iter(["a:1"]);
     /// assert!(set.contains("a:1"));
     /// assert!(!set.contains("b:1"));
     /// ```
-    pub fn contains(&self, instance: &str) -> bool {
+    pub fn contains<Q>(&self, instance: &Q) -> bool
+    where
+        Q: Ord + ?Sized,
+        Instance: std::borrow::Borrow<Q>,
+    {
         self.0.contains(instance)
     }
 
@@ -104,14 +109,19 @@ impl InstanceSet {
         !instance.is_empty() && self.0.insert(instance).is_none()
     }
 
-    /// Removes `instance`; returns whether it was there. O(log N).
+    /// Removes `instance` (an [`Instance`], or a stored value as `&str`); returns whether it was
+    /// there. O(log N).
     ///
     /// ```
     /// let mut set = sd_core::InstanceSet::from_iter(["a:1"]);
     /// assert!(set.remove("a:1"));
     /// assert!(!set.remove("a:1"));
     /// ```
-    pub fn remove(&mut self, instance: &str) -> bool {
+    pub fn remove<Q>(&mut self, instance: &Q) -> bool
+    where
+        Q: Ord + ?Sized,
+        Instance: std::borrow::Borrow<Q>,
+    {
         self.0.remove(instance).is_some()
     }
 
@@ -312,6 +322,23 @@ impl<S: AsRef<str>> PartialEq<Vec<S>> for InstanceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An instance is found and removed by itself or by its stored value, never by its address
+    /// (which, for a JSON value, differs).
+    #[test]
+    fn instances_with_metadata_are_found_by_value() {
+        let json = Instance::from_value(r#"{"addr":"10.0.0.1:80","weight":2}"#).unwrap();
+        let mut set = InstanceSet::new();
+        set.insert(json.clone());
+        assert!(set.contains(&json));
+        assert!(set.contains(json.value()));
+        assert!(
+            !set.contains("10.0.0.1:80"),
+            "the address is not the instance"
+        );
+        assert!(set.remove(&json));
+        assert!(set.is_empty());
+    }
 
     #[test]
     fn changes_of_derived_and_unrelated_sets() {

@@ -120,6 +120,37 @@ async fn failing_factory_skips_the_instance_and_retries_later() {
     assert_eq!(names(&e), ["ep:bad1", "ep:good", "ep:other"]);
 }
 
+/// The same for an instance stored as JSON (its address differs from its stored value).
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_instance_with_metadata_is_retried_too() {
+    use sd_core::{InstanceSet, Metadata, ValueFormat};
+    let fails = Arc::new(AtomicUsize::new(1));
+    let f = fails.clone();
+    let factory = sd_core::factory(move |i| {
+        if f.load(Ordering::SeqCst) > 0 {
+            f.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::factory(i, std::io::Error::other("not yet")));
+        }
+        Ok((i.addr().to_string(), None))
+    });
+    let json = Instance::with_metadata("10.0.0.1:80", Metadata::new(), ValueFormat::Json).unwrap();
+    let mut set: InstanceSet = [json].into_iter().collect();
+    let inst = Publisher::new(Event::Instances(set.clone()));
+    let e = DefaultEndpointer::new(&inst, factory, EndpointerOptions::new()).await;
+    assert!(e.endpoints().is_err(), "the first factory call failed");
+    set.insert("other:1");
+    inst.publish(Event::Instances(set));
+    let snap = tokio::time::timeout(
+        Duration::from_secs(5),
+        e.wait_until(|s| s.endpoints().len() == 2),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the failed instance was not retried: {:?}", e.snapshot()));
+    let mut got = snap.endpoints().to_vec();
+    got.sort();
+    assert_eq!(got, ["10.0.0.1:80", "other:1"]);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn error_keeps_last_endpoints_by_default() {
     let inst = Publisher::new(Event::from_instances(["a"]));

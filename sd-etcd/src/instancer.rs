@@ -917,6 +917,24 @@ mod tests {
         st.put(b"/s/4".to_vec(), br#"{"Addr":"10.0.0.4:80"}"#, "/s/");
         assert_eq!(st.event().instances().unwrap().len(), 4);
         assert_eq!(st.invalid.load(Ordering::Relaxed), 1);
+        // JSON instances go as plain ones do: deleted, or held by two keys until both go
+        // (an instance is found by its stored value, not by its address).
+        st.put(
+            b"/s/5".to_vec(),
+            br#"{"addr":"10.0.0.3:80","zone":"z"}"#,
+            "/s/",
+        );
+        st.delete(b"/s/3");
+        assert_eq!(
+            st.event().instances().unwrap().len(),
+            4,
+            "/s/5 still holds it"
+        );
+        for k in ["/s/1", "/s/2", "/s/4", "/s/5"] {
+            st.delete(k.as_bytes());
+        }
+        assert_eq!(st.event(), Event::empty());
+        assert!(st.extra.is_empty());
     }
 
     /// A value held by several keys stays in the set until the last of them goes or changes,

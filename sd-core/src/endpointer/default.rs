@@ -562,7 +562,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
             }
             // Instances the factory failed for are tried again while the set lists them.
             work.added
-                .extend(cache.failed.iter().filter(|i| set.contains(i)).cloned());
+                .extend(cache.failed.iter().filter(|i| set.contains(*i)).cloned());
             cache.set = set;
             work
         };
