@@ -21,6 +21,18 @@ pub(crate) fn step(next: &mut usize, len: usize) -> Option<usize> {
     Some(i)
 }
 
+/// The next slot of a cycle over `list` (slots of the snapshot), or over all `len` slots when
+/// there is no list: how weighted round robin walks its schedule and zone preference its zone.
+#[inline(always)]
+pub(crate) fn step_over(next: &mut usize, list: Option<&[u32]>, len: usize) -> Option<usize> {
+    match list {
+        None => step(next, len),
+        Some(list) => step(next, list.len())
+            .and_then(|i| list.get(i))
+            .map(|&slot| slot as usize),
+    }
+}
+
 /// The endpoint at `slot`, cloned, or the snapshot's "no endpoints" error.
 #[inline(always)]
 pub(crate) fn cloned_at<E: Clone>(

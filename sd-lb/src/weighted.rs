@@ -221,12 +221,11 @@ where
             },
             #[inline(always)]
             |endpoints, snapshot, state| {
-                let slot = match &state.schedule {
-                    None => crate::pick::step(&mut state.next, endpoints.len()),
-                    Some(s) => crate::pick::step(&mut state.next, s.len())
-                        .and_then(|i| s.get(i))
-                        .map(|&s| s as usize),
-                };
+                let slot = crate::pick::step_over(
+                    &mut state.next,
+                    state.schedule.as_deref(),
+                    endpoints.len(),
+                );
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )

@@ -166,12 +166,11 @@ where
             |snapshot, state| state.group = self.group(snapshot),
             #[inline(always)]
             |endpoints, snapshot, state| {
-                let slot = match &state.group {
-                    None => crate::pick::step(&mut state.next, endpoints.len()),
-                    Some(g) => crate::pick::step(&mut state.next, g.len())
-                        .and_then(|i| g.get(i))
-                        .map(|&s| s as usize),
-                };
+                let slot = crate::pick::step_over(
+                    &mut state.next,
+                    state.group.as_deref(),
+                    endpoints.len(),
+                );
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
