@@ -49,6 +49,27 @@ pub trait Balancer: Send + Sync {
         let _ = tried;
         self.endpoint()
     }
+
+    /// How the call through the last pick recorded in `tried` went (`ok`), for a balancer that
+    /// tracks the health of its endpoints (outlier detection). The default ignores it.
+    /// [`Retry`](https://docs.rs/sd-lb) reports every attempt.
+    ///
+    /// ```
+    /// use sd_core::{Balancer, Error, Tried};
+    ///
+    /// struct Only(&'static str);
+    /// impl Balancer for Only {
+    ///     type Endpoint = &'static str;
+    ///     fn endpoint(&self) -> Result<&'static str, Error> { Ok(self.0) }
+    /// }
+    /// let b = Only("a");
+    /// let mut tried = Tried::new();
+    /// b.endpoint_avoiding(&mut tried).unwrap();
+    /// b.report(&tried, false); // ignored by this balancer
+    /// ```
+    fn report(&self, tried: &Tried, ok: bool) {
+        let _ = (tried, ok);
+    }
 }
 
 /// The picks of one call that failed, so its retries go elsewhere (see
@@ -129,6 +150,17 @@ impl Tried {
         version == self.version && self.slots.iter().any(|&s| s as usize == slot)
     }
 
+    /// The last recorded pick (snapshot version, slot), if any.
+    ///
+    /// ```
+    /// let mut t = sd_core::Tried::new();
+    /// t.record(4, 2);
+    /// assert_eq!(t.last(), Some((4, 2)));
+    /// ```
+    pub fn last(&self) -> Option<(u64, usize)> {
+        self.last.map(|(v, s)| (v, s as usize))
+    }
+
     /// Whether any pick of version `version` failed in this call.
     ///
     /// ```
@@ -148,6 +180,9 @@ impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<Self::Endpoint, Error> {
         (**self).endpoint_avoiding(tried)
     }
+    fn report(&self, tried: &Tried, ok: bool) {
+        (**self).report(tried, ok)
+    }
 }
 
 impl<B: Balancer + ?Sized> Balancer for &B {
@@ -157,5 +192,8 @@ impl<B: Balancer + ?Sized> Balancer for &B {
     }
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<Self::Endpoint, Error> {
         (**self).endpoint_avoiding(tried)
+    }
+    fn report(&self, tried: &Tried, ok: bool) {
+        (**self).report(tried, ok)
     }
 }

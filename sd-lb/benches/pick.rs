@@ -18,7 +18,8 @@ use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion
 use futures::FutureExt;
 use sd_core::{Balancer, DefaultEndpointer, FixedEndpointer, Instance, Metadata, ValueFormat};
 use sd_lb::{
-    Maglev, P2c, Random, Retry, RetryBudget, RoundRobin, WeightedRandom, WeightedRoundRobin,
+    Maglev, Outliers, P2c, Random, Retry, RetryBudget, RoundRobin, WeightedRandom,
+    WeightedRoundRobin,
 };
 
 const SIZES: [usize; 4] = [1, 10, 1_000, 10_000];
@@ -169,12 +170,17 @@ fn bench_weighted(c: &mut Criterion) {
         let wp2c = P2c::new(weighted_live.clone());
         let maglev = Maglev::new(plain_live.clone());
         let key = AtomicUsize::new(0);
-        let cases: [(&str, &dyn Fn()); 6] = [
+        let checked = RoundRobin::new(plain_live.clone()).with_outliers(Arc::new(Outliers::new()));
+        let cases: [(&str, &dyn Fn()); 7] = [
             ("baseline_fetch_add_index", &|| {
                 black_box(bare.pick());
             }),
             ("round_robin_unweighted", &|| {
                 let _ = black_box(rr.endpoint());
+            }),
+            // Health checked on every pick (one more load), nothing ejected.
+            ("round_robin_outliers", &|| {
+                let _ = black_box(checked.endpoint());
             }),
             ("weighted_round_robin", &|| {
                 let _ = black_box(wrr.endpoint());
@@ -227,6 +233,15 @@ fn bench_retry(c: &mut Criterion) {
     .with_budget(Arc::new(RetryBudget::new(10, 0.1).expect("a valid budget")));
     group.bench_function("retry_round_robin_live_budget", |b| {
         b.iter(|| budgeted.call(endpoint).now_or_never())
+    });
+    let checked = Retry::new(
+        RoundRobin::new(sets.live.clone()).with_outliers(Arc::new(Outliers::new())),
+        3,
+        Duration::from_secs(1),
+    )
+    .expect("valid retry settings");
+    group.bench_function("retry_round_robin_live_outliers", |b| {
+        b.iter(|| checked.call(endpoint).now_or_never())
     });
     let retry_p2c = Retry::new(P2c::new(sets.live.clone()), 3, Duration::from_secs(1))
         .expect("valid retry settings");

@@ -14,7 +14,10 @@
 //! | [`WeightedRandom`] | a random endpoint with probability weight / total | the endpoint `E` |
 //! | [`ZoneAware`] | round robin in the caller's zone, spilling over all zones when it has too few | the endpoint `E` |
 //! | [`Maglev`] | the endpoint of a request key (consistent hashing, optionally with bounded loads) | the endpoint `E`, or a [`Held`] guard |
-//! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback | the call's result |
+//! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback, a [`RetryBudget`], backoff; retries avoid endpoints that failed in the call and report every outcome | the call's result |
+//!
+//! [`RoundRobin`], [`Random`] and [`P2c`] take [`Outliers`] (`with_outliers`): passive health
+//! checking that ejects instances whose calls keep failing (see [`outliers`]).
 //!
 //! A pick takes no lock, allocates nothing and never awaits: each thread caches the endpointer's
 //! snapshot and re-reads it only when the endpointer's version moves (one atomic load per pick).
@@ -61,6 +64,7 @@
 #![warn(missing_docs)]
 
 pub mod hash;
+pub mod outliers;
 pub mod p2c;
 mod per_snapshot;
 mod pick;
@@ -72,6 +76,7 @@ pub mod weighted;
 pub mod zone;
 
 pub use hash::{hash_key, ForKey, Held, Maglev};
+pub use outliers::Outliers;
 pub use p2c::{InFlight, P2c};
 pub use random::Random;
 pub use retry::{

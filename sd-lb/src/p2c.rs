@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot, Tried};
 
+use crate::outliers::{Host, Outliers};
 use crate::per_snapshot::PerSnapshot;
 use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
@@ -70,6 +71,7 @@ pub struct P2c<E: Send + Sync, P> {
     registry: Mutex<Registry>,
     cache: ThreadCache<E, Local>,
     zone: Option<ZonePreference>,
+    outliers: Option<Arc<Outliers>>,
 }
 
 /// [`P2c::in_zone`]'s settings, and the local slots of the last snapshot seen.
@@ -146,6 +148,8 @@ struct Local {
     loads: Table,
     /// The slots of instances in the preferred zone (empty: no preference applies).
     local: Arc<[u32]>,
+    /// With outlier detection, the health of the cached snapshot's endpoints.
+    hosts: Arc<[Arc<Host>]>,
 }
 
 /// Maps instances to their counters; used only when a thread moves to a new snapshot.
@@ -301,6 +305,32 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
             registry: Mutex::new(Registry::default()),
             cache: ThreadCache::new(),
             zone: None,
+            outliers: None,
+        }
+    }
+
+    /// Skips instances that `outliers` ejected (see [`Outliers`]); [`Retry`](crate::Retry)
+    /// reports every attempt's outcome to it through [`Balancer::report`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::{Outliers, P2c};
+    ///
+    /// let p2c = P2c::new(FixedEndpointer::new(vec![1])).with_outliers(Arc::new(Outliers::new()));
+    /// assert_eq!(*p2c.endpoint().unwrap(), 1);
+    /// ```
+    pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
+        self.outliers = Some(outliers);
+        self
+    }
+
+    fn init(&self, ordinal: usize) -> Local {
+        Local {
+            rng: thread_rng(self.seed, ordinal),
+            loads: Slots::new(),
+            local: Arc::from(Vec::new()),
+            hosts: Arc::from(Vec::new()),
         }
     }
 
@@ -389,11 +419,7 @@ where
     fn endpoint(&self) -> Result<InFlight<E>, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| Local {
-                rng: thread_rng(self.seed, ordinal),
-                loads: Slots::new(),
-                local: Arc::from(Vec::new()),
-            },
+            |ordinal| self.init(ordinal),
             |snapshot, local| self.refresh(snapshot, local),
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
@@ -403,7 +429,7 @@ where
                 if n == 0 {
                     return Err(snapshot.no_endpoints());
                 }
-                let i = self.choose(local, n);
+                let i = self.admitted(local, n);
                 guard_at(endpoints, &local.loads, snapshot, i)
             },
         )
@@ -414,20 +440,32 @@ where
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<InFlight<E>, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| Local {
-                rng: thread_rng(self.seed, ordinal),
-                loads: Slots::new(),
-                local: Arc::from(Vec::new()),
-            },
+            |ordinal| self.init(ordinal),
             |snapshot, local| self.refresh(snapshot, local),
             |endpoints, snapshot, local| {
                 let n = endpoints.len().min(local.loads.len());
                 if n == 0 {
                     return Err(snapshot.no_endpoints());
                 }
-                let i = self.choose(local, n);
+                let i = self.admitted(local, n);
                 let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
                 guard_at(endpoints, &local.loads, snapshot, i)
+            },
+        )
+    }
+
+    /// Passes the outcome to the outlier detection, if any.
+    fn report(&self, tried: &Tried, ok: bool) {
+        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
+            return;
+        };
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| self.init(ordinal),
+            |snapshot, local| self.refresh(snapshot, local),
+            |endpoints, snapshot, local| {
+                let n = endpoints.len();
+                crate::outliers::record_at(outliers, &local.hosts, snapshot, version, slot, ok, n)
             },
         )
     }
@@ -440,6 +478,19 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
         local.loads = registry.table(snapshot);
         drop(registry);
         local.local = self.local_slots(snapshot);
+        if let Some(outliers) = &self.outliers {
+            local.hosts = outliers.table(snapshot);
+        }
+    }
+
+    /// [`choose`](Self::choose), past ejected instances.
+    #[inline(always)]
+    fn admitted(&self, local: &mut Local, n: usize) -> usize {
+        let i = self.choose(local, n);
+        match &self.outliers {
+            None => i,
+            Some(o) => crate::outliers::admitted(o, &local.hosts, i, n),
+        }
     }
 
     /// The slot to pick among `n` (at least 1): the lighter of two random ones per unit of

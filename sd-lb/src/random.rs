@@ -2,7 +2,11 @@
 
 use std::fmt;
 
-use sd_core::{Balancer, Endpointer, Error, Tried};
+use std::sync::Arc;
+
+use sd_core::{Balancer, Endpointer, Error, Snapshot, Tried};
+
+use crate::outliers::{Host, Outliers};
 
 use crate::thread_cache::ThreadCache;
 
@@ -25,7 +29,15 @@ use crate::thread_cache::ThreadCache;
 pub struct Random<E: Send + Sync, P> {
     endpointer: P,
     seed: Option<u64>,
-    cache: ThreadCache<E, fastrand::Rng>,
+    cache: ThreadCache<E, RandomState>,
+    outliers: Option<Arc<Outliers>>,
+}
+
+/// Per thread: its generator, and (with outlier detection) the health of the cached
+/// snapshot's endpoints.
+struct RandomState {
+    rng: fastrand::Rng,
+    hosts: Arc<[Arc<Host>]>,
 }
 
 impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
@@ -43,6 +55,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
             endpointer,
             seed: None,
             cache: ThreadCache::new(),
+            outliers: None,
         }
     }
 
@@ -65,7 +78,47 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
             endpointer,
             seed: Some(seed),
             cache: ThreadCache::new(),
+            outliers: None,
         }
+    }
+
+    /// Skips instances that `outliers` ejected (see [`Outliers`]); [`Retry`](crate::Retry)
+    /// reports every attempt's outcome to it through [`Balancer::report`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::{Outliers, Random};
+    ///
+    /// let r = Random::new(FixedEndpointer::new(vec![1])).with_outliers(Arc::new(Outliers::new()));
+    /// assert_eq!(r.endpoint().unwrap(), 1);
+    /// ```
+    pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
+        self.outliers = Some(outliers);
+        self
+    }
+
+    fn init(&self, ordinal: usize) -> RandomState {
+        RandomState {
+            rng: thread_rng(self.seed, ordinal),
+            hosts: Arc::from(Vec::new()),
+        }
+    }
+
+    fn refresh(&self, snapshot: &Snapshot<E>, state: &mut RandomState) {
+        if let Some(outliers) = &self.outliers {
+            state.hosts = outliers.table(snapshot);
+        }
+    }
+
+    /// A random slot, past ejected instances.
+    #[inline(always)]
+    fn next_slot(&self, state: &mut RandomState, n: usize) -> Option<usize> {
+        let slot = (n > 0).then(|| state.rng.usize(..n))?;
+        Some(match &self.outliers {
+            None => slot,
+            Some(o) => crate::outliers::admitted(o, &state.hosts, slot, n),
+        })
     }
 
     /// The endpointer this balancer picks from.
@@ -106,13 +159,13 @@ where
     fn endpoint(&self) -> Result<E, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| thread_rng(self.seed, ordinal),
-            |_, _| {},
+            |ordinal| self.init(ordinal),
+            |snapshot, state| self.refresh(snapshot, state),
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
-            |endpoints, snapshot, rng| {
-                let slot = (!endpoints.is_empty()).then(|| rng.usize(..endpoints.len()));
+            |endpoints, snapshot, state| {
+                let slot = self.next_slot(state, endpoints.len());
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
@@ -123,13 +176,37 @@ where
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| thread_rng(self.seed, ordinal),
-            |_, _| {},
-            |endpoints, snapshot, rng| {
+            |ordinal| self.init(ordinal),
+            |snapshot, state| self.refresh(snapshot, state),
+            |endpoints, snapshot, state| {
                 let n = endpoints.len();
-                let slot = (n > 0)
-                    .then(|| crate::pick::avoiding(tried, snapshot.version(), rng.usize(..n), n));
+                let slot = self
+                    .next_slot(state, n)
+                    .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
                 crate::pick::cloned_at(endpoints, snapshot, slot)
+            },
+        )
+    }
+
+    /// Passes the outcome to the outlier detection, if any.
+    fn report(&self, tried: &Tried, ok: bool) {
+        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
+            return;
+        };
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| self.init(ordinal),
+            |snapshot, state| self.refresh(snapshot, state),
+            |endpoints, snapshot, state| {
+                crate::outliers::record_at(
+                    outliers,
+                    &state.hosts,
+                    snapshot,
+                    version,
+                    slot,
+                    ok,
+                    endpoints.len(),
+                )
             },
         )
     }

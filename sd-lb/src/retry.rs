@@ -348,12 +348,16 @@ impl<B: Balancer, C> Retry<B, C> {
             let err = match self.balancer.endpoint_avoiding(&mut tried) {
                 Ok(endpoint) => match f(endpoint).await {
                     Ok(value) => {
+                        self.balancer.report(&tried, true);
                         if let Some(budget) = &self.budget {
                             budget.succeeded();
                         }
                         return Ok(value);
                     }
-                    Err(e) => AttemptError::Call(e),
+                    Err(e) => {
+                        self.balancer.report(&tried, false);
+                        AttemptError::Call(e)
+                    }
                 },
                 Err(e) => AttemptError::Balancer(e),
             };

@@ -2,7 +2,11 @@
 
 use std::fmt;
 
-use sd_core::{Balancer, Endpointer, Error, Tried};
+use std::sync::Arc;
+
+use sd_core::{Balancer, Endpointer, Error, Snapshot, Tried};
+
+use crate::outliers::{Host, Outliers};
 
 use crate::thread_cache::ThreadCache;
 
@@ -30,8 +34,15 @@ use crate::thread_cache::ThreadCache;
 /// ```
 pub struct RoundRobin<E: Send + Sync, P> {
     endpointer: P,
-    /// Per thread: the position of its next pick.
-    cache: ThreadCache<E, usize>,
+    cache: ThreadCache<E, RrState>,
+    outliers: Option<Arc<Outliers>>,
+}
+
+/// Per thread: the position of its next pick, and (with outlier detection) the health of the
+/// cached snapshot's endpoints.
+struct RrState {
+    next: usize,
+    hosts: Arc<[Arc<Host>]>,
 }
 
 impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
@@ -51,7 +62,48 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
         RoundRobin {
             endpointer,
             cache: ThreadCache::new(),
+            outliers: None,
         }
+    }
+
+    /// Skips instances that `outliers` ejected (see [`Outliers`]); [`Retry`](crate::Retry)
+    /// reports every attempt's outcome to it through [`Balancer::report`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sd_core::{Balancer, FixedEndpointer};
+    /// use sd_lb::{Outliers, RoundRobin};
+    ///
+    /// let rr = RoundRobin::new(FixedEndpointer::new(vec![1, 2]))
+    ///     .with_outliers(Arc::new(Outliers::new()));
+    /// assert_eq!(rr.endpoint().unwrap(), 1);
+    /// ```
+    pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
+        self.outliers = Some(outliers);
+        self
+    }
+
+    fn init(ordinal: usize) -> RrState {
+        RrState {
+            next: ordinal,
+            hosts: Arc::from(Vec::new()),
+        }
+    }
+
+    fn refresh(&self, snapshot: &Snapshot<E>, state: &mut RrState) {
+        if let Some(outliers) = &self.outliers {
+            state.hosts = outliers.table(snapshot);
+        }
+    }
+
+    /// The next slot in turn, past ejected instances.
+    #[inline(always)]
+    fn next_slot(&self, state: &mut RrState, n: usize) -> Option<usize> {
+        let slot = crate::pick::step(&mut state.next, n)?;
+        Some(match &self.outliers {
+            None => slot,
+            Some(o) => crate::outliers::admitted(o, &state.hosts, slot, n),
+        })
     }
 
     /// The endpointer this balancer picks from.
@@ -79,13 +131,13 @@ where
     fn endpoint(&self) -> Result<E, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| ordinal,
-            |_, _| {},
+            Self::init,
+            |snapshot, state| self.refresh(snapshot, state),
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
-            |endpoints, snapshot, next| {
-                let slot = crate::pick::step(next, endpoints.len());
+            |endpoints, snapshot, state| {
+                let slot = self.next_slot(state, endpoints.len());
                 crate::pick::cloned_at(endpoints, snapshot, slot)
             },
         )
@@ -96,13 +148,37 @@ where
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
         self.cache.with(
             &self.endpointer,
-            |ordinal| ordinal,
-            |_, _| {},
-            |endpoints, snapshot, next| {
+            Self::init,
+            |snapshot, state| self.refresh(snapshot, state),
+            |endpoints, snapshot, state| {
                 let n = endpoints.len();
-                let slot = crate::pick::step(next, n)
+                let slot = self
+                    .next_slot(state, n)
                     .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
                 crate::pick::cloned_at(endpoints, snapshot, slot)
+            },
+        )
+    }
+
+    /// Passes the outcome to the outlier detection, if any.
+    fn report(&self, tried: &Tried, ok: bool) {
+        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
+            return;
+        };
+        self.cache.with(
+            &self.endpointer,
+            Self::init,
+            |snapshot, state| self.refresh(snapshot, state),
+            |endpoints, snapshot, state| {
+                crate::outliers::record_at(
+                    outliers,
+                    &state.hosts,
+                    snapshot,
+                    version,
+                    slot,
+                    ok,
+                    endpoints.len(),
+                )
             },
         )
     }

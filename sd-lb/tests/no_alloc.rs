@@ -134,6 +134,24 @@ fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     call();
     let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
     assert_eq!((n, r), (0, 4500));
+    // With outlier detection: the pick checks health and the call reports its success, and
+    // neither allocates.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let outliers = std::sync::Arc::new(sd_lb::Outliers::new());
+    let rr = RoundRobin::new(FixedEndpointer::new((0..10u64).collect())).with_outliers(outliers);
+    let checked = Retry::new(rr, 3, Duration::from_secs(1)).unwrap();
+    let call = || {
+        checked
+            .call(|e| async move { Ok::<_, String>(e) })
+            .now_or_never()
+    };
+    call();
+    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
+    assert_eq!((n, r), (0, 4500));
 }
 
 #[test]

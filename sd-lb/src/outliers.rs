@@ -1,0 +1,323 @@
+//! Passive health checking: instances that keep failing are ejected for a while.
+//!
+//! After Envoy's outlier detection (consecutive 5xx, `base_ejection_time`,
+//! `max_ejection_percent`) and gRPC's (gRFC A50): an instance whose calls fail
+//! `consecutive_failures` times in a row (default 5) is *ejected*: it gets no picks for
+//! `base_ejection` × the number of times it has been ejected (default 30 s, at most
+//! `max_ejection`, default 300 s). When that time is over, one call goes to it (the *probe*) and
+//! decides: success restores it, failure ejects it again for longer. No more than
+//! `max_ejection_percent` of the set (default 50 %) is ejected at once, so a widespread failure
+//! does not leave the rest overloaded; and when every instance is ejected, picks go to all of
+//! them as if none were (panic mode).
+//!
+//! State belongs to the instance (its stored value) and lasts while the instance is in the set:
+//! one that leaves and comes back starts clean. Outcomes reach it through
+//! [`Balancer::report`](sd_core::Balancer::report), which [`Retry`](crate::Retry) calls after
+//! every attempt.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use sd_core::{Error, Instance, Snapshot};
+use tokio::time::Instant;
+
+use crate::per_snapshot::PerSnapshot;
+
+/// Outlier detection settings and the state of every instance it follows (see the
+/// [module docs](crate::outliers)). Share one between the balancers of a service.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_lb::Outliers;
+///
+/// let outliers = Outliers::new()
+///     .consecutive_failures(3).unwrap()
+///     .base_ejection(Duration::from_secs(10)).unwrap()
+///     .max_ejection_percent(30).unwrap();
+/// assert_eq!(outliers.ejected(), 0);
+/// ```
+pub struct Outliers {
+    consecutive: u32,
+    base: Duration,
+    max: Duration,
+    max_percent: usize,
+    epoch: Instant,
+    known: Mutex<HashMap<Instance, Weak<Host>>>,
+    ejected: Arc<AtomicUsize>,
+    tables: PerSnapshot<Arc<[Arc<Host>]>>,
+}
+
+/// One instance's health.
+pub(crate) struct Host {
+    fails: AtomicU32,
+    /// Milliseconds since the epoch until which the instance is ejected; 0 when in service.
+    until: AtomicU64,
+    times: AtomicU32,
+    ejected: Arc<AtomicUsize>,
+    instance: Instance,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // An instance that leaves the set while ejected no longer counts against the cap.
+        if self.until.load(Ordering::Relaxed) != 0 {
+            self.ejected.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for Outliers {
+    fn default() -> Self {
+        Outliers {
+            consecutive: 5,
+            base: Duration::from_secs(30),
+            max: Duration::from_secs(300),
+            max_percent: 50,
+            epoch: Instant::now(),
+            known: Mutex::default(),
+            ejected: Arc::default(),
+            tables: PerSnapshot::default(),
+        }
+    }
+}
+
+impl Outliers {
+    /// The defaults: eject after 5 failures in a row, for 30 s × times ejected (at most 300 s),
+    /// never more than 50 % of the set. Reads tokio's clock (so tests can pause it).
+    ///
+    /// ```
+    /// assert_eq!(sd_lb::Outliers::new().ejected(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Failures in a row that eject an instance (at least 1; default 5).
+    ///
+    /// ```
+    /// assert!(sd_lb::Outliers::new().consecutive_failures(0).is_err());
+    /// ```
+    pub fn consecutive_failures(mut self, n: u32) -> Result<Self, Error> {
+        if n == 0 {
+            return Err(Error::invalid_argument(
+                "consecutive failures 0: at least 1 (5 is usual)",
+            ));
+        }
+        self.consecutive = n;
+        Ok(self)
+    }
+
+    /// The first ejection's length (default 30 s); the n-th lasts n times as long, up to
+    /// [`max_ejection`](Self::max_ejection). Above zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert!(sd_lb::Outliers::new().base_ejection(Duration::ZERO).is_err());
+    /// ```
+    pub fn base_ejection(mut self, base: Duration) -> Result<Self, Error> {
+        if base.is_zero() {
+            return Err(Error::invalid_argument(
+                "base ejection time 0: above zero (30 s is usual)",
+            ));
+        }
+        self.base = base;
+        self.max = self.max.max(base);
+        Ok(self)
+    }
+
+    /// The longest ejection (default 300 s; at least the base).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let o = sd_lb::Outliers::new().max_ejection(Duration::from_secs(60)).unwrap();
+    /// # let _ = o;
+    /// ```
+    pub fn max_ejection(mut self, max: Duration) -> Result<Self, Error> {
+        if max < self.base {
+            return Err(Error::invalid_argument(format!(
+                "max ejection {max:?} is shorter than the base ejection {:?}",
+                self.base
+            )));
+        }
+        self.max = max;
+        Ok(self)
+    }
+
+    /// The most of the set ejected at once, in percent (0 to 100; default 50).
+    ///
+    /// ```
+    /// assert!(sd_lb::Outliers::new().max_ejection_percent(101).is_err());
+    /// ```
+    pub fn max_ejection_percent(mut self, percent: u32) -> Result<Self, Error> {
+        if percent > 100 {
+            return Err(Error::invalid_argument(format!(
+                "max ejection percent {percent}: 0 to 100 (50 is usual)"
+            )));
+        }
+        self.max_percent = percent as usize;
+        Ok(self)
+    }
+
+    /// How many instances are ejected now.
+    ///
+    /// ```
+    /// assert_eq!(sd_lb::Outliers::new().ejected(), 0);
+    /// ```
+    pub fn ejected(&self) -> usize {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Offset by one: `until` 0 means "in service".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The health of each of `snapshot`'s endpoints, in slot order (built once per snapshot).
+    pub(crate) fn table<E>(&self, snapshot: &Snapshot<E>) -> Arc<[Arc<Host>]> {
+        self.tables.get(snapshot, || {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            let unnamed = Instance::new("");
+            let table: Arc<[Arc<Host>]> = (0..snapshot.endpoints().len())
+                .map(|i| {
+                    let instance = snapshot.instances().get(i).unwrap_or(&unnamed);
+                    match known.get(instance).and_then(Weak::upgrade) {
+                        Some(host) => host,
+                        None => {
+                            let host = Arc::new(Host {
+                                fails: AtomicU32::new(0),
+                                until: AtomicU64::new(0),
+                                times: AtomicU32::new(0),
+                                ejected: self.ejected.clone(),
+                                instance: instance.clone(),
+                            });
+                            known.insert(instance.clone(), Arc::downgrade(&host));
+                            host
+                        }
+                    }
+                })
+                .collect();
+            known.retain(|_, h| h.strong_count() > 0);
+            table
+        })
+    }
+
+    /// Whether `host` may be picked now. In service: yes. Ejected: no, until its time is over;
+    /// then one pick gets through (the probe), and the next waits another base period unless
+    /// the probe's outcome decides first.
+    #[inline]
+    pub(crate) fn admits(&self, host: &Host) -> bool {
+        let until = host.until.load(Ordering::Relaxed);
+        until == 0 || self.probe(host, until)
+    }
+
+    #[cold]
+    fn probe(&self, host: &Host, until: u64) -> bool {
+        let now = self.now_ms();
+        if now < until {
+            return false;
+        }
+        let next = now + self.base.as_millis() as u64;
+        host.until
+            .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// An outcome of a call to `host`, one of `n` instances in the set.
+    pub(crate) fn record(&self, host: &Host, ok: bool, n: usize) {
+        let ejected = host.until.load(Ordering::Relaxed) != 0;
+        if ok {
+            if host.fails.load(Ordering::Relaxed) != 0 {
+                host.fails.store(0, Ordering::Relaxed);
+            }
+            if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
+                self.ejected.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(instance = %host.instance, "restored: the probe succeeded");
+            }
+            return;
+        }
+        if ejected {
+            // The probe (or a call from before the ejection) failed: eject again, longer.
+            self.eject_for(host);
+            return;
+        }
+        let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails < self.consecutive {
+            return;
+        }
+        // Within the cap: one more ejected must stay within max_percent of the set.
+        let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
+        if self
+            .ejected
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                allowed(c).then_some(c + 1)
+            })
+            .is_err()
+        {
+            return;
+        }
+        host.fails.store(0, Ordering::Relaxed);
+        let times = self.eject_for(host);
+        tracing::warn!(
+            instance = %host.instance,
+            failures = fails,
+            times,
+            "ejected: too many failures in a row"
+        );
+    }
+
+    /// Ejects `host` (again) for base × times ejected, capped; returns the times.
+    fn eject_for(&self, host: &Host) -> u32 {
+        let times = host.times.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = self.base.saturating_mul(times).min(self.max);
+        host.until
+            .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        times
+    }
+}
+
+impl std::fmt::Debug for Outliers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outliers")
+            .field("consecutive", &self.consecutive)
+            .field("base", &self.base)
+            .field("max", &self.max)
+            .field("max_percent", &self.max_percent)
+            .field("ejected", &self.ejected())
+            .finish()
+    }
+}
+
+/// The slot to pick instead of `slot` when its instance is ejected: the next admitted one in
+/// order (wrapping), or `slot` itself when none is (panic mode: every instance is ejected).
+#[inline]
+pub(crate) fn admitted(outliers: &Outliers, hosts: &[Arc<Host>], slot: usize, n: usize) -> usize {
+    match hosts.get(slot) {
+        Some(h) if !outliers.admits(h) => (1..n)
+            .map(|k| (slot + k) % n)
+            .find(|&s| hosts.get(s).is_some_and(|h| outliers.admits(h)))
+            .unwrap_or(slot),
+        _ => slot,
+    }
+}
+
+/// Records an outcome reported for slot `slot` of the snapshot of version `version`, if that is
+/// still the snapshot `hosts` belongs to (a pick from a snapshot that has since changed names
+/// a slot that means nothing now).
+#[inline]
+pub(crate) fn record_at<E>(
+    outliers: &Outliers,
+    hosts: &[Arc<Host>],
+    snapshot: &Snapshot<E>,
+    version: u64,
+    slot: usize,
+    ok: bool,
+    n: usize,
+) {
+    if snapshot.version() == version {
+        if let Some(host) = hosts.get(slot) {
+            outliers.record(host, ok, n);
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Outlier detection through round robin and Retry, with paused time: ejection after the
+//! threshold, no picks while ejected, one probe when the ejection ends, longer ejections for
+//! a repeat offender, restoration after a good probe, and the max-ejection cap.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Instances;
+use sd_core::Endpointer;
+use sd_lb::{Outliers, P2c, Random, Retry, RoundRobin};
+
+/// One call per attempt (no retries), so every pick's outcome is seen.
+async fn calls<B>(retry: &Retry<B>, n: usize, failing: &dyn Fn(&str) -> bool) -> Vec<String>
+where
+    B: sd_core::Balancer,
+    B::Endpoint: std::ops::Deref<Target = String>,
+{
+    let mut picked = Vec::new();
+    for _ in 0..n {
+        let _ = retry
+            .call(|e: B::Endpoint| {
+                let e: String = (*e).clone();
+                picked.push(e.clone());
+                let fail = failing(&e);
+                async move {
+                    if fail {
+                        Err("down")
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+    }
+    picked
+}
+
+/// An endpoint owned by value, seen through `Deref` as P2C's guards are.
+struct Owned<B>(B);
+
+impl<B: sd_core::Balancer<Endpoint = String>> sd_core::Balancer for Owned<B> {
+    type Endpoint = Box<String>;
+    fn endpoint(&self) -> Result<Box<String>, sd_core::Error> {
+        self.0.endpoint().map(Box::new)
+    }
+    fn endpoint_avoiding(&self, tried: &mut sd_core::Tried) -> Result<Box<String>, sd_core::Error> {
+        self.0.endpoint_avoiding(tried).map(Box::new)
+    }
+    fn report(&self, tried: &sd_core::Tried, ok: bool) {
+        self.0.report(tried, ok)
+    }
+}
+
+/// One instance of ten failing, through `balancer`: ejected after its 5th failure in a row, no
+/// picks while ejected, one probe when the ejection ends (which fails: ejected again for
+/// twice as long), then healed, restored by the next probe.
+async fn eject_probe_restore<B>(name: &str, outliers: Arc<Outliers>, balancer: B)
+where
+    B: sd_core::Balancer,
+    B::Endpoint: std::ops::Deref<Target = String>,
+{
+    let retry = Retry::new(balancer, 1, Duration::from_secs(1)).unwrap();
+    let broken = AtomicBool::new(true);
+    let failing = |e: &str| e == "i3" && broken.load(Ordering::SeqCst);
+    let count = |picks: &[String]| picks.iter().filter(|p| *p == "i3").count();
+
+    let mut before = 0;
+    for _ in 0..2000 {
+        before += count(&calls(&retry, 1, &failing).await);
+        if outliers.ejected() == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        (before, outliers.ejected()),
+        (5, 1),
+        "{name}: ejected after 5 failures"
+    );
+    let during = calls(&retry, 200, &failing).await;
+    assert_eq!(count(&during), 0, "{name}: no picks while ejected");
+
+    // The ejection (30 s) ends: one probe, which fails: ejected again, for 60 s.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let probe = calls(&retry, 200, &failing).await;
+    assert_eq!(count(&probe), 1, "{name}: exactly one probe");
+    assert_eq!(outliers.ejected(), 1);
+    tokio::time::advance(Duration::from_secs(45)).await;
+    let still = calls(&retry, 200, &failing).await;
+    assert_eq!(count(&still), 0, "{name}: 60 s this time");
+
+    // Healed: the next probe succeeds and i3 is back.
+    broken.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(15)).await;
+    let after = calls(&retry, 200, &failing).await;
+    assert!(
+        count(&after) >= 5,
+        "{name}: restored, {} picks of 200",
+        count(&after)
+    );
+    assert_eq!(outliers.ejected(), 0, "{name}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_instance_is_ejected_probed_and_restored() {
+    let instances = Instances::new((0..10).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let o = Arc::new(Outliers::new()); // 5 in a row, 30 s, 50 %
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(o.clone());
+    eject_probe_restore("round robin", o, Owned(rr)).await;
+    let o = Arc::new(Outliers::new());
+    let random = Random::with_seed(endpointer.clone(), 1).with_outliers(o.clone());
+    eject_probe_restore("random", o, Owned(random)).await;
+    let o = Arc::new(Outliers::new());
+    let p2c = P2c::with_seed(endpointer.clone(), 2).with_outliers(o.clone());
+    eject_probe_restore("p2c", o, p2c).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_more_than_the_cap_is_ejected() {
+    let instances = Instances::new((0..10).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new()); // at most 50 %: 5 of 10
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    let retry = Retry::new(Owned(rr), 1, Duration::from_secs(1)).unwrap();
+    // Eight of ten fail.
+    let failing = |e: &str| !matches!(e, "i0" | "i1");
+    let mut most = 0;
+    for _ in 0..20 {
+        calls(&retry, 50, &failing).await;
+        most = most.max(outliers.ejected());
+    }
+    assert_eq!(most, 5, "at most half of the set ejected at once");
+    // The three failing instances left in service still get picks: the healthy two are not
+    // made to carry everything.
+    let picks = calls(&retry, 100, &failing).await;
+    let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
+    assert_eq!(distinct.len(), 5, "{distinct:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_leaves_and_returns_starts_clean() {
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new().consecutive_failures(2).unwrap());
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    let retry = Retry::new(Owned(rr), 1, Duration::from_secs(1)).unwrap();
+    let failing = |e: &str| e == "i2";
+    calls(&retry, 8, &failing).await;
+    assert_eq!(outliers.ejected(), 1);
+    // i2 leaves (its ejection no longer counts), then comes back: in service at once.
+    let v = endpointer.version();
+    instances.set(["i0", "i1", "i3"]);
+    common::changed(&*endpointer, v).await;
+    calls(&retry, 3, &|_| false).await;
+    assert_eq!(outliers.ejected(), 0);
+    let v = endpointer.version();
+    instances.set(["i0", "i1", "i2", "i3"]);
+    common::changed(&*endpointer, v).await;
+    let picks = calls(&retry, 4, &|_| false).await;
+    assert!(picks.iter().any(|p| p == "i2"), "{picks:?}");
+}
