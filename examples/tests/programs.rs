@@ -38,6 +38,22 @@ fn check_demo_output(out: &Output) {
         !after_dereg.contains("served by 127.0.0.1:8081"),
         "{after_dereg}"
     );
+    // The hung instance: ejected after two failures, so later calls go to 8082 first; then
+    // back in service once its probe succeeds.
+    let hung = section("-- 127.0.0.1:8083 hangs", "-- 127.0.0.1:8083 answers again");
+    let ejected_at = hung
+        .find("ejected      127.0.0.1:8083")
+        .unwrap_or_else(|| panic!("8083 never ejected:\n{hung}"));
+    assert!(
+        !hung[ejected_at..].contains("127.0.0.1:8083 does not answer"),
+        "no call tried 8083 after its ejection:\n{hung}"
+    );
+    let back = section(
+        "-- 127.0.0.1:8083 answers again",
+        "-- 127.0.0.1:8082 crashes",
+    );
+    assert!(back.contains("restored     127.0.0.1:8083"), "{back}");
+    assert!(back.contains("served by 127.0.0.1:8083"), "{back}");
     let crashed = section("-- 127.0.0.1:8082 crashes", "key has expired");
     assert_eq!(
         crashed.matches("served by 127.0.0.1:8083").count(),

@@ -13,7 +13,8 @@
 //! State belongs to the instance (its stored value) and lasts while the instance is in the set:
 //! one that leaves and comes back starts clean. Outcomes reach it through
 //! [`Balancer::report`](sd_core::Balancer::report), which [`Retry`](crate::Retry) calls after
-//! every attempt.
+//! every attempt; an outcome for a pick from a snapshot that has changed since is dropped (its
+//! slot no longer names the same instance).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -47,6 +48,32 @@ pub struct Outliers {
     known: Mutex<HashMap<Instance, Weak<Host>>>,
     ejected: Arc<AtomicUsize>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
+    listener: Option<Box<Listener>>,
+}
+
+type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
+
+/// What [`Outliers::on_change`] is told.
+///
+/// ```
+/// use std::time::Duration;
+/// use sd_lb::outliers::HealthChange;
+///
+/// let c = HealthChange::Ejected { times: 1, duration: Duration::from_secs(30) };
+/// assert!(matches!(c, HealthChange::Ejected { times: 1, .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HealthChange {
+    /// Ejected (again) for `duration`; `times` counts its ejections so far.
+    Ejected {
+        /// How many times the instance has been ejected, this one included.
+        times: u32,
+        /// How long this ejection lasts.
+        duration: Duration,
+    },
+    /// Back in service: its probe succeeded.
+    Restored,
 }
 
 /// One instance's health.
@@ -79,6 +106,7 @@ impl Default for Outliers {
             known: Mutex::default(),
             ejected: Arc::default(),
             tables: PerSnapshot::default(),
+            listener: None,
         }
     }
 }
@@ -160,6 +188,32 @@ impl Outliers {
         Ok(self)
     }
 
+    /// Calls `listener` when an instance is ejected or restored (from the thread that reported
+    /// the outcome; keep it short). For logs and programs: the same is logged with `tracing`.
+    ///
+    /// ```
+    /// use sd_lb::{outliers::HealthChange, Outliers};
+    ///
+    /// let outliers = Outliers::new().on_change(|instance, change| match change {
+    ///     HealthChange::Ejected { duration, .. } => println!("ejected {instance} for {duration:?}"),
+    ///     _ => println!("restored {instance}"),
+    /// });
+    /// # let _ = outliers;
+    /// ```
+    pub fn on_change(
+        mut self,
+        listener: impl Fn(&Instance, &HealthChange) + Send + Sync + 'static,
+    ) -> Self {
+        self.listener = Some(Box::new(listener));
+        self
+    }
+
+    fn tell(&self, host: &Host, change: HealthChange) {
+        if let Some(listener) = &self.listener {
+            listener(&host.instance, &change);
+        }
+    }
+
     /// How many instances are ejected now.
     ///
     /// ```
@@ -234,12 +288,14 @@ impl Outliers {
             if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
                 self.ejected.fetch_sub(1, Ordering::Relaxed);
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
+                self.tell(host, HealthChange::Restored);
             }
             return;
         }
         if ejected {
             // The probe (or a call from before the ejection) failed: eject again, longer.
-            self.eject_for(host);
+            let (times, duration) = self.eject_for(host);
+            self.tell(host, HealthChange::Ejected { times, duration });
             return;
         }
         let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
@@ -258,22 +314,23 @@ impl Outliers {
             return;
         }
         host.fails.store(0, Ordering::Relaxed);
-        let times = self.eject_for(host);
+        let (times, duration) = self.eject_for(host);
         tracing::warn!(
             instance = %host.instance,
             failures = fails,
             times,
             "ejected: too many failures in a row"
         );
+        self.tell(host, HealthChange::Ejected { times, duration });
     }
 
-    /// Ejects `host` (again) for base × times ejected, capped; returns the times.
-    fn eject_for(&self, host: &Host) -> u32 {
+    /// Ejects `host` (again) for base × times ejected, capped; returns the times and length.
+    fn eject_for(&self, host: &Host) -> (u32, Duration) {
         let times = host.times.fetch_add(1, Ordering::Relaxed) + 1;
         let length = self.base.saturating_mul(times).min(self.max);
         host.until
             .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
-        times
+        (times, length)
     }
 }
 

@@ -354,18 +354,20 @@ impl<B: Balancer, C> Retry<B, C> {
                         }
                         return Ok(value);
                     }
-                    Err(e) => {
-                        self.balancer.report(&tried, false);
-                        AttemptError::Call(e)
-                    }
+                    Err(e) => AttemptError::Call(e),
                 },
                 Err(e) => AttemptError::Balancer(e),
             };
+            // The callback sees the failure before the balancer hears of it, so what it logs
+            // comes before an ejection the failure causes.
+            let decision = self.callback.decide(attempt, &err);
+            if err.call_error().is_some() {
+                self.balancer.report(&tried, false);
+            }
             tried.failed();
             if let Some(budget) = &self.budget {
                 budget.failed();
             }
-            let decision = self.callback.decide(attempt, &err);
             errors.push(err);
             match decision {
                 Decision::Retry => {}

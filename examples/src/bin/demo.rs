@@ -1,7 +1,8 @@
 //! The sd demo: three in-process "barsvc" instances register with a TTL, a client discovers them
 //! and calls them through round robin + retry, printing which instance served each call. Then one
-//! instance deregisters and another crashes (stops heart-beating and answering), and the calls
-//! move to the survivors.
+//! instance deregisters, another hangs (stops answering but keeps heart-beating: outlier
+//! detection ejects it, and restores it once it answers again), and one crashes (stops
+//! heart-beating and answering), and the calls move to the survivors.
 //!
 //! Runs on the in-memory backend: `cargo run -p examples --bin demo`; on etcd with
 //! `cargo run -p examples --bin demo -- --etcd http://127.0.0.1:2379` (e.g. `cargo xtask etcd`).
@@ -20,7 +21,8 @@ use sd_core::{
     Instancer, Registrar, Service, TtlOption,
 };
 use sd_etcd::{ClientOptions, EtcdClient, EtcdInstancer, EtcdRegistrar};
-use sd_lb::{AttemptError, Retry, RetryCallback, RoundRobin};
+use sd_lb::outliers::HealthChange;
+use sd_lb::{AttemptError, Outliers, Retry, RetryCallback, RoundRobin};
 use sd_memory::{MemoryInstancer, MemoryRegistrar, MemoryStore};
 
 const PREFIX: &str = "/services/barsvc/";
@@ -181,8 +183,19 @@ async fn run(backend: Backend) -> Result<(), Error> {
     };
     let endpointer =
         Arc::new(DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await);
+    // Outlier detection: two failed calls in a row eject an instance for 1 s (30 s and 5 calls
+    // are the defaults; the demo is short), then one probe call decides.
+    let outliers = Outliers::new()
+        .consecutive_failures(2)?
+        .base_ejection(Duration::from_secs(1))?
+        .on_change(|instance, change| match change {
+            HealthChange::Ejected { duration, .. } => {
+                println!("ejected      {instance} for {duration:?}: its calls keep failing")
+            }
+            _ => println!("restored     {instance}: its probe call succeeded"),
+        });
     let retry = Retry::new(
-        RoundRobin::new(endpointer.clone()),
+        RoundRobin::new(endpointer.clone()).with_outliers(Arc::new(outliers)),
         3,
         Duration::from_secs(1),
     )?
@@ -202,15 +215,27 @@ async fn run(backend: Backend) -> Result<(), Error> {
     settle(&endpointer, 2).await;
     calls(&retry, 6..10).await;
 
+    let set_up = |addr: &str, up: bool| {
+        if let Some(svc) = servers.get(addr) {
+            svc.up.store(up, Ordering::SeqCst);
+        }
+    };
+    println!("\n-- 127.0.0.1:8083 hangs: it stops answering, but its heartbeat goes on");
+    set_up("127.0.0.1:8083", false);
+    calls(&retry, 10..16).await;
+    println!("\n-- 127.0.0.1:8083 answers again");
+    set_up("127.0.0.1:8083", true);
+    // Its ejection (1 s) ends; the next call to reach it is the probe.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    calls(&retry, 16..20).await;
+
     println!("\n-- 127.0.0.1:8082 crashes: it stops answering and heart-beating");
-    if let Some(svc) = servers.get("127.0.0.1:8082") {
-        svc.up.store(false, Ordering::SeqCst);
-    }
+    set_up("127.0.0.1:8082", false);
     drop(registrars.remove(1));
-    calls(&retry, 10..14).await;
+    calls(&retry, 20..24).await;
     println!("\n-- 127.0.0.1:8082's key has expired: no call tries it any more");
     settle(&endpointer, 1).await;
-    calls(&retry, 14..18).await;
+    calls(&retry, 24..28).await;
 
     println!("\n-- shutting down");
     for registrar in &registrars {
