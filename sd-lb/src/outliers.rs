@@ -1,7 +1,8 @@
 //! Passive health checking: instances that keep failing are ejected for a while.
 //!
 //! After Envoy's outlier detection (consecutive 5xx, `base_ejection_time`,
-//! `max_ejection_percent`) and gRPC's (gRFC A50): an instance whose calls fail
+//! `max_ejection_percent`) and gRPC's (gRFC A50; its failure-percentage detector is
+//! [`Outliers::failure_rate`], off by default): an instance whose calls fail
 //! `consecutive_failures` times in a row (default 5) is *ejected*: it gets no picks for
 //! `base_ejection` × the number of times it has been ejected (default 30 s, at most
 //! `max_ejection`, default 300 s). When that time is over, one call goes to it (the *probe*) and
@@ -49,6 +50,8 @@ pub struct Outliers {
     ejected: Arc<AtomicUsize>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
     listener: Option<Box<Listener>>,
+    /// The failure-rate detector: (percent, window of calls), off by default.
+    rate: Option<(u64, u64)>,
 }
 
 type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
@@ -79,6 +82,8 @@ pub enum HealthChange {
 /// One instance's health.
 pub(crate) struct Host {
     fails: AtomicU32,
+    /// Calls (high 32 bits) and failures (low 32 bits) in the current failure-rate window.
+    window: AtomicU64,
     /// Milliseconds since the epoch until which the instance is ejected; 0 when in service.
     until: AtomicU64,
     times: AtomicU32,
@@ -107,6 +112,7 @@ impl Default for Outliers {
             ejected: Arc::default(),
             tables: PerSnapshot::default(),
             listener: None,
+            rate: None,
         }
     }
 }
@@ -214,6 +220,29 @@ impl Outliers {
         }
     }
 
+    /// Also ejects an instance when at least `percent` of its calls failed over a window of
+    /// `window` calls (gRPC's `failure_percentage_ejection`, gRFC A50, counted per window of
+    /// calls rather than per interval of time, so no call reads the clock). Catches an instance
+    /// that fails often but not `consecutive_failures` times in a row. Off by default; gRPC's
+    /// defaults are 85 % and a volume of 50.
+    ///
+    /// ```
+    /// let o = sd_lb::Outliers::new().failure_rate(85, 50).unwrap();
+    /// assert!(sd_lb::Outliers::new().failure_rate(0, 50).is_err());
+    /// assert!(sd_lb::Outliers::new().failure_rate(85, 0).is_err());
+    /// # let _ = o;
+    /// ```
+    pub fn failure_rate(mut self, percent: u32, window: u32) -> Result<Self, Error> {
+        if !(1..=100).contains(&percent) || window == 0 {
+            return Err(Error::invalid_argument(format!(
+                "failure rate {percent} % over {window} calls: use 1 to 100 % over at least 1 call \
+                 (gRPC's defaults: 85 % over 50)"
+            )));
+        }
+        self.rate = Some((u64::from(percent), u64::from(window)));
+        Ok(self)
+    }
+
     /// How many instances are ejected now.
     ///
     /// ```
@@ -241,6 +270,7 @@ impl Outliers {
                         None => {
                             let host = Arc::new(Host {
                                 fails: AtomicU32::new(0),
+                                window: AtomicU64::new(0),
                                 until: AtomicU64::new(0),
                                 times: AtomicU32::new(0),
                                 ejected: self.ejected.clone(),
@@ -281,6 +311,7 @@ impl Outliers {
     /// An outcome of a call to `host`, one of `n` instances in the set.
     pub(crate) fn record(&self, host: &Host, ok: bool, n: usize) {
         let ejected = host.until.load(Ordering::Relaxed) != 0;
+        let too_often = !ejected && self.window_says_eject(host, ok);
         if ok {
             if host.fails.load(Ordering::Relaxed) != 0 {
                 host.fails.store(0, Ordering::Relaxed);
@@ -289,6 +320,9 @@ impl Outliers {
                 self.ejected.fetch_sub(1, Ordering::Relaxed);
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
+            }
+            if too_often {
+                self.try_eject(host, n, "too many of its calls failed");
             }
             return;
         }
@@ -299,10 +333,37 @@ impl Outliers {
             return;
         }
         let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if fails < self.consecutive {
-            return;
+        if fails >= self.consecutive {
+            self.try_eject(host, n, "too many failures in a row");
+        } else if too_often {
+            self.try_eject(host, n, "too many of its calls failed");
         }
-        // Within the cap: one more ejected must stay within max_percent of the set.
+    }
+
+    /// Counts a call in `host`'s failure-rate window; at the end of a window, whether its
+    /// failures reached the rate.
+    fn window_says_eject(&self, host: &Host, ok: bool) -> bool {
+        let Some((percent, window)) = self.rate else {
+            return false;
+        };
+        let add = (1u64 << 32) | u64::from(!ok);
+        let seen = host
+            .window
+            .fetch_add(add, Ordering::Relaxed)
+            .wrapping_add(add);
+        if seen >> 32 < window {
+            return false;
+        }
+        // The window is full: whoever takes it evaluates it, and the next one starts empty
+        // (calls counted meanwhile by other threads go to whichever window they land in).
+        let taken = host.window.swap(0, Ordering::Relaxed);
+        let (calls, failures) = (taken >> 32, taken & 0xffff_ffff);
+        calls >= window && failures * 100 >= percent * calls
+    }
+
+    /// Ejects `host` for `why`, unless that would put more than `max_ejection_percent` of the
+    /// `n` instances out at once.
+    fn try_eject(&self, host: &Host, n: usize, why: &str) {
         let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
         if self
             .ejected
@@ -314,13 +375,9 @@ impl Outliers {
             return;
         }
         host.fails.store(0, Ordering::Relaxed);
+        host.window.store(0, Ordering::Relaxed);
         let (times, duration) = self.eject_for(host);
-        tracing::warn!(
-            instance = %host.instance,
-            failures = fails,
-            times,
-            "ejected: too many failures in a row"
-        );
+        tracing::warn!(instance = %host.instance, times, "ejected: {why}");
         self.tell(host, HealthChange::Ejected { times, duration });
     }
 

@@ -162,3 +162,25 @@ async fn an_instance_that_leaves_and_returns_starts_clean() {
     let picks = calls(&retry, 4, &|_| false).await;
     assert!(picks.iter().any(|p| p == "i2"), "{picks:?}");
 }
+
+/// An instance failing every other call is never 5 in a row, but the failure-rate detector
+/// (50 % over 20 calls) ejects it; without the detector it stays.
+#[tokio::test(start_paused = true)]
+async fn an_instance_failing_often_but_not_in_a_row_is_ejected_by_rate() {
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let flip = AtomicBool::new(false);
+    // i1 fails every other call it gets.
+    let failing = |e: &str| e == "i1" && !flip.fetch_xor(true, Ordering::SeqCst);
+    for (rate, want) in [(None, 0), (Some((50, 20)), 1)] {
+        let mut outliers = Outliers::new();
+        if let Some((percent, window)) = rate {
+            outliers = outliers.failure_rate(percent, window).unwrap();
+        }
+        let outliers = Arc::new(outliers);
+        let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+        let retry = Retry::new(Owned(rr), 1, Duration::from_secs(1)).unwrap();
+        calls(&retry, 400, &failing).await;
+        assert_eq!(outliers.ejected(), want, "detector {rate:?}");
+    }
+}
