@@ -52,6 +52,8 @@ pub struct Outliers {
     listener: Option<Box<Listener>>,
     /// The failure-rate detector: (percent, window of calls), off by default.
     rate: Option<(u64, u64)>,
+    /// The size of the last set a table was built for (the cap's base for direct reports).
+    last_n: AtomicUsize,
 }
 
 type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
@@ -113,6 +115,7 @@ impl Default for Outliers {
             tables: PerSnapshot::default(),
             listener: None,
             rate: None,
+            last_n: AtomicUsize::new(0),
         }
     }
 }
@@ -243,6 +246,35 @@ impl Outliers {
         Ok(self)
     }
 
+    /// Reports the outcome of a call to `instance`, for code that calls endpoints itself rather
+    /// than through [`Retry`](crate::Retry) (which reports on its own). Finds the instance's
+    /// health by its stored value (a lock and a map lookup: slower than `Retry`'s report); an
+    /// instance not in the set is ignored.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sd_core::{Balancer, Endpointer, FixedEndpointer, Instance};
+    /// use sd_lb::{Outliers, RoundRobin};
+    ///
+    /// let outliers = Arc::new(Outliers::new().consecutive_failures(1).unwrap());
+    /// let rr = RoundRobin::new(FixedEndpointer::new(vec!["a", "b"])).with_outliers(outliers.clone());
+    /// rr.endpoint().unwrap(); // the balancer's first pick builds its table
+    /// // A fixed list's instances are unnamed; a live endpointer's are the stored values.
+    /// outliers.report(&Instance::new("not in the set"), false);
+    /// assert_eq!(outliers.ejected(), 0);
+    /// ```
+    pub fn report(&self, instance: &Instance, ok: bool) {
+        let host = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(instance)
+            .and_then(Weak::upgrade);
+        if let Some(host) = host {
+            self.record(&host, ok, self.last_n.load(Ordering::Relaxed));
+        }
+    }
+
     /// How many instances are ejected now.
     ///
     /// ```
@@ -283,6 +315,7 @@ impl Outliers {
                 })
                 .collect();
             known.retain(|_, h| h.strong_count() > 0);
+            self.last_n.store(table.len(), Ordering::Relaxed);
             table
         })
     }

@@ -184,3 +184,20 @@ async fn an_instance_failing_often_but_not_in_a_row_is_ejected_by_rate() {
         assert_eq!(outliers.ejected(), want, "detector {rate:?}");
     }
 }
+
+/// A program that calls endpoints itself reports by instance: the same ejection.
+#[tokio::test(start_paused = true)]
+async fn direct_reports_by_instance_eject_too() {
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new().consecutive_failures(3).unwrap());
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    use sd_core::Balancer;
+    for _ in 0..40 {
+        let e = rr.endpoint().unwrap();
+        outliers.report(&sd_core::Instance::new(&e), e != "i2");
+    }
+    assert_eq!(outliers.ejected(), 1);
+    let picks: Vec<String> = (0..40).map(|_| rr.endpoint().unwrap()).collect();
+    assert!(!picks.iter().any(|p| p == "i2"), "{picks:?}");
+}
