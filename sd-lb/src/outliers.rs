@@ -46,7 +46,9 @@ pub struct Outliers {
     max: Duration,
     max_percent: usize,
     epoch: Instant,
-    known: Mutex<HashMap<Instance, Weak<Host>>>,
+    /// Every instance's health, by instance and by occurrence of the instance in its set (a
+    /// fixed list names every endpoint alike).
+    known: Mutex<HashMap<(Instance, usize), Weak<Host>>>,
     ejected: Arc<AtomicUsize>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
     listener: Option<Box<Listener>>,
@@ -268,7 +270,7 @@ impl Outliers {
             .known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(instance)
+            .get(&(instance.clone(), 0))
             .and_then(Weak::upgrade);
         if let Some(host) = host {
             self.record(&host, ok, self.last_n.load(Ordering::Relaxed));
@@ -294,10 +296,14 @@ impl Outliers {
         self.tables.get(snapshot, || {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             let unnamed = Instance::new("");
+            let mut occurrences: HashMap<&Instance, usize> = HashMap::new();
             let table: Arc<[Arc<Host>]> = (0..snapshot.endpoints().len())
                 .map(|i| {
                     let instance = snapshot.instances().get(i).unwrap_or(&unnamed);
-                    match known.get(instance).and_then(Weak::upgrade) {
+                    let seen = occurrences.entry(instance).or_insert(0);
+                    let key = (instance.clone(), *seen);
+                    *seen += 1;
+                    match known.get(&key).and_then(Weak::upgrade) {
                         Some(host) => host,
                         None => {
                             let host = Arc::new(Host {
@@ -308,7 +314,7 @@ impl Outliers {
                                 ejected: self.ejected.clone(),
                                 instance: instance.clone(),
                             });
-                            known.insert(instance.clone(), Arc::downgrade(&host));
+                            known.insert(key, Arc::downgrade(&host));
                             host
                         }
                     }

@@ -201,3 +201,25 @@ async fn direct_reports_by_instance_eject_too() {
     let picks: Vec<String> = (0..40).map(|_| rr.endpoint().unwrap()).collect();
     assert!(!picks.iter().any(|p| p == "i2"), "{picks:?}");
 }
+
+/// A fixed list names every endpoint alike: each still has its own health.
+#[test]
+fn a_fixed_lists_endpoints_each_have_their_own_health() {
+    use sd_core::{Balancer, FixedEndpointer};
+    let outliers = Arc::new(Outliers::new().consecutive_failures(2).unwrap());
+    let rr = RoundRobin::new(FixedEndpointer::new(vec!["a", "b", "c", "d"]))
+        .with_outliers(outliers.clone());
+    let retry = Retry::new(&rr, 1, Duration::from_secs(1)).unwrap();
+    for _ in 0..20 {
+        let _ = futures::FutureExt::now_or_never(retry.call(|e| async move {
+            if e == "b" {
+                Err(())
+            } else {
+                Ok(())
+            }
+        }));
+    }
+    assert_eq!(outliers.ejected(), 1, "only b");
+    let picks: Vec<&str> = (0..30).map(|_| rr.endpoint().unwrap()).collect();
+    assert!(!picks.contains(&"b") && picks.contains(&"a"), "{picks:?}");
+}
