@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use sd_core::{Error, Instance, Snapshot};
+use sd_core::{Error, Instance, Snapshot, Tried};
 use tokio::time::Instant;
 
 use crate::per_snapshot::PerSnapshot;
@@ -442,35 +442,59 @@ impl std::fmt::Debug for Outliers {
     }
 }
 
-/// The slot to pick instead of `slot` when its instance is ejected: the next admitted one in
-/// order (wrapping), or `slot` itself when none is (panic mode: every instance is ejected).
-#[inline]
-pub(crate) fn admitted(outliers: &Outliers, hosts: &[Arc<Host>], slot: usize, n: usize) -> usize {
-    match hosts.get(slot) {
-        Some(h) if !outliers.admits(h) => (1..n)
-            .map(|k| (slot + k) % n)
-            .find(|&s| hosts.get(s).is_some_and(|h| outliers.admits(h)))
-            .unwrap_or(slot),
-        _ => slot,
-    }
-}
+/// A balancer's outlier detection, if it has one, at each step of a pick: the health table of
+/// a new snapshot, admission of a picked slot, and the outcome of a call.
+#[derive(Default)]
+pub(crate) struct Health(Option<Arc<Outliers>>);
 
-/// Records an outcome reported for slot `slot` of the snapshot of version `version`, if that is
-/// still the snapshot `hosts` belongs to (a pick from a snapshot that has since changed names
-/// a slot that means nothing now).
-#[inline]
-pub(crate) fn record_at<E>(
-    outliers: &Outliers,
-    hosts: &[Arc<Host>],
-    snapshot: &Snapshot<E>,
-    version: u64,
-    slot: usize,
-    ok: bool,
-    n: usize,
-) {
-    if snapshot.version() == version {
-        if let Some(host) = hosts.get(slot) {
-            outliers.record(host, ok, n);
+impl Health {
+    pub(crate) fn new(outliers: Arc<Outliers>) -> Self {
+        Health(Some(outliers))
+    }
+
+    /// Moves `hosts` to `snapshot`'s health table (left empty without detection).
+    pub(crate) fn refresh<E>(&self, snapshot: &Snapshot<E>, hosts: &mut Arc<[Arc<Host>]>) {
+        if let Some(outliers) = &self.0 {
+            *hosts = outliers.table(snapshot);
+        }
+    }
+
+    /// `slot`, or, when its instance is ejected, the next admitted one in order (wrapping);
+    /// `slot` itself when none is (panic mode: every instance is ejected).
+    #[inline(always)]
+    pub(crate) fn admitted(&self, hosts: &[Arc<Host>], slot: usize, n: usize) -> usize {
+        let Some(outliers) = &self.0 else {
+            return slot;
+        };
+        match hosts.get(slot) {
+            Some(h) if !outliers.admits(h) => (1..n)
+                .map(|k| (slot + k) % n)
+                .find(|&s| hosts.get(s).is_some_and(|h| outliers.admits(h)))
+                .unwrap_or(slot),
+            _ => slot,
+        }
+    }
+
+    /// The pick an outcome is for, when there is detection to report it to.
+    pub(crate) fn wants(&self, tried: &Tried) -> Option<(u64, usize)> {
+        self.0.as_ref().and(tried.last())
+    }
+
+    /// Records an outcome for `pick` (snapshot version, slot) if `hosts` still belongs to that
+    /// snapshot (a pick from a snapshot that has changed since names a slot that means nothing
+    /// now), `n` being the size of its set.
+    pub(crate) fn record<E>(
+        &self,
+        hosts: &[Arc<Host>],
+        snapshot: &Snapshot<E>,
+        (version, slot): (u64, usize),
+        ok: bool,
+        n: usize,
+    ) {
+        if let (Some(outliers), true) = (&self.0, snapshot.version() == version) {
+            if let Some(host) = hosts.get(slot) {
+                outliers.record(host, ok, n);
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use sd_core::{Balancer, Endpointer, Error, Instance, Slots, Snapshot, Tried};
 
-use crate::outliers::{Host, Outliers};
+use crate::outliers::{Health, Host, Outliers};
 use crate::per_snapshot::PerSnapshot;
 use crate::random::thread_rng;
 use crate::thread_cache::ThreadCache;
@@ -71,7 +71,7 @@ pub struct P2c<E: Send + Sync, P> {
     registry: Mutex<Registry>,
     cache: ThreadCache<E, Local>,
     zone: Option<ZonePreference>,
-    outliers: Option<Arc<Outliers>>,
+    health: Health,
 }
 
 /// [`P2c::in_zone`]'s settings, and the local slots of the last snapshot seen.
@@ -305,7 +305,7 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
             registry: Mutex::new(Registry::default()),
             cache: ThreadCache::new(),
             zone: None,
-            outliers: None,
+            health: Health::default(),
         }
     }
 
@@ -321,7 +321,7 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
     /// assert_eq!(*p2c.endpoint().unwrap(), 1);
     /// ```
     pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
-        self.outliers = Some(outliers);
+        self.health = Health::new(outliers);
         self
     }
 
@@ -417,10 +417,7 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<InFlight<E>, Error> {
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, local| self.refresh(snapshot, local),
+        self.with(
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
@@ -438,59 +435,55 @@ where
     /// The less loaded of two endpoints that have not failed in this call (see
     /// [`Balancer::endpoint_avoiding`]).
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<InFlight<E>, Error> {
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, local| self.refresh(snapshot, local),
-            |endpoints, snapshot, local| {
-                let n = endpoints.len().min(local.loads.len());
-                if n == 0 {
-                    return Err(snapshot.no_endpoints());
-                }
-                let i = self.admitted(local, n);
-                let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
-                guard_at(endpoints, &local.loads, snapshot, i)
-            },
-        )
+        self.with(|endpoints, snapshot, local| {
+            let n = endpoints.len().min(local.loads.len());
+            if n == 0 {
+                return Err(snapshot.no_endpoints());
+            }
+            let i = self.admitted(local, n);
+            let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
+            guard_at(endpoints, &local.loads, snapshot, i)
+        })
     }
 
     /// Passes the outcome to the outlier detection, if any.
     fn report(&self, tried: &Tried, ok: bool) {
-        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
-            return;
-        };
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, local| self.refresh(snapshot, local),
-            |endpoints, snapshot, local| {
-                let n = endpoints.len();
-                crate::outliers::record_at(outliers, &local.hosts, snapshot, version, slot, ok, n)
-            },
-        )
+        if let Some(pick) = self.health.wants(tried) {
+            self.with(|endpoints, snapshot, local| {
+                self.health
+                    .record(&local.hosts, snapshot, pick, ok, endpoints.len())
+            });
+        }
     }
 }
 
 impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
-    /// Moves a thread's state to `snapshot`: its counter table and its zone's slots.
+    /// Runs `pick` with this thread's snapshot and state (see [`ThreadCache::with`]).
+    #[inline(always)]
+    fn with<R>(&self, pick: impl FnOnce(&Slots<E>, &Snapshot<E>, &mut Local) -> R) -> R {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| self.init(ordinal),
+            |snapshot, local| self.refresh(snapshot, local),
+            pick,
+        )
+    }
+
+    /// Moves a thread's state to `snapshot`: its counter table, its zone's slots, and (with
+    /// outlier detection) its health table.
     fn refresh(&self, snapshot: &Snapshot<E>, local: &mut Local) {
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         local.loads = registry.table(snapshot);
         drop(registry);
         local.local = self.local_slots(snapshot);
-        if let Some(outliers) = &self.outliers {
-            local.hosts = outliers.table(snapshot);
-        }
+        self.health.refresh(snapshot, &mut local.hosts);
     }
 
     /// [`choose`](Self::choose), past ejected instances.
     #[inline(always)]
     fn admitted(&self, local: &mut Local, n: usize) -> usize {
         let i = self.choose(local, n);
-        match &self.outliers {
-            None => i,
-            Some(o) => crate::outliers::admitted(o, &local.hosts, i, n),
-        }
+        self.health.admitted(&local.hosts, i, n)
     }
 
     /// The slot to pick among `n` (at least 1): the lighter of two random ones per unit of

@@ -4,9 +4,9 @@ use std::fmt;
 
 use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Snapshot, Tried};
+use sd_core::{Balancer, Endpointer, Error, Slots, Snapshot, Tried};
 
-use crate::outliers::{Host, Outliers};
+use crate::outliers::{Health, Host, Outliers};
 
 use crate::thread_cache::ThreadCache;
 
@@ -30,7 +30,7 @@ pub struct Random<E: Send + Sync, P> {
     endpointer: P,
     seed: Option<u64>,
     cache: ThreadCache<E, RandomState>,
-    outliers: Option<Arc<Outliers>>,
+    health: Health,
 }
 
 /// Per thread: its generator, and (with outlier detection) the health of the cached
@@ -55,7 +55,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
             endpointer,
             seed: None,
             cache: ThreadCache::new(),
-            outliers: None,
+            health: Health::default(),
         }
     }
 
@@ -78,7 +78,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
             endpointer,
             seed: Some(seed),
             cache: ThreadCache::new(),
-            outliers: None,
+            health: Health::default(),
         }
     }
 
@@ -94,7 +94,7 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
     /// assert_eq!(r.endpoint().unwrap(), 1);
     /// ```
     pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
-        self.outliers = Some(outliers);
+        self.health = Health::new(outliers);
         self
     }
 
@@ -105,20 +105,22 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
         }
     }
 
-    fn refresh(&self, snapshot: &Snapshot<E>, state: &mut RandomState) {
-        if let Some(outliers) = &self.outliers {
-            state.hosts = outliers.table(snapshot);
-        }
+    /// Runs `pick` with this thread's snapshot and state (see [`ThreadCache::with`]).
+    #[inline(always)]
+    fn with<R>(&self, pick: impl FnOnce(&Slots<E>, &Snapshot<E>, &mut RandomState) -> R) -> R {
+        self.cache.with(
+            &self.endpointer,
+            |ordinal| self.init(ordinal),
+            |snapshot, state| self.health.refresh(snapshot, &mut state.hosts),
+            pick,
+        )
     }
 
     /// A random slot, past ejected instances.
     #[inline(always)]
     fn next_slot(&self, state: &mut RandomState, n: usize) -> Option<usize> {
         let slot = (n > 0).then(|| state.rng.usize(..n))?;
-        Some(match &self.outliers {
-            None => slot,
-            Some(o) => crate::outliers::admitted(o, &state.hosts, slot, n),
-        })
+        Some(self.health.admitted(&state.hosts, slot, n))
     }
 
     /// The endpointer this balancer picks from.
@@ -157,10 +159,7 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<E, Error> {
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, state| self.refresh(snapshot, state),
+        self.with(
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
@@ -174,41 +173,23 @@ where
     /// A random endpoint that has not failed in this call (see
     /// [`Balancer::endpoint_avoiding`]).
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, state| self.refresh(snapshot, state),
-            |endpoints, snapshot, state| {
-                let n = endpoints.len();
-                let slot = self
-                    .next_slot(state, n)
-                    .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
-                crate::pick::cloned_at(endpoints, snapshot, slot)
-            },
-        )
+        self.with(|endpoints, snapshot, state| {
+            let n = endpoints.len();
+            let slot = self
+                .next_slot(state, n)
+                .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
+            crate::pick::cloned_at(endpoints, snapshot, slot)
+        })
     }
 
     /// Passes the outcome to the outlier detection, if any.
     fn report(&self, tried: &Tried, ok: bool) {
-        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
-            return;
-        };
-        self.cache.with(
-            &self.endpointer,
-            |ordinal| self.init(ordinal),
-            |snapshot, state| self.refresh(snapshot, state),
-            |endpoints, snapshot, state| {
-                crate::outliers::record_at(
-                    outliers,
-                    &state.hosts,
-                    snapshot,
-                    version,
-                    slot,
-                    ok,
-                    endpoints.len(),
-                )
-            },
-        )
+        if let Some(pick) = self.health.wants(tried) {
+            self.with(|endpoints, snapshot, state| {
+                self.health
+                    .record(&state.hosts, snapshot, pick, ok, endpoints.len())
+            });
+        }
     }
 }
 

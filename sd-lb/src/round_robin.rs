@@ -4,9 +4,9 @@ use std::fmt;
 
 use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Snapshot, Tried};
+use sd_core::{Balancer, Endpointer, Error, Slots, Snapshot, Tried};
 
-use crate::outliers::{Host, Outliers};
+use crate::outliers::{Health, Host, Outliers};
 
 use crate::thread_cache::ThreadCache;
 
@@ -35,7 +35,7 @@ use crate::thread_cache::ThreadCache;
 pub struct RoundRobin<E: Send + Sync, P> {
     endpointer: P,
     cache: ThreadCache<E, RrState>,
-    outliers: Option<Arc<Outliers>>,
+    health: Health,
 }
 
 /// Per thread: the position of its next pick, and (with outlier detection) the health of the
@@ -62,7 +62,7 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
         RoundRobin {
             endpointer,
             cache: ThreadCache::new(),
-            outliers: None,
+            health: Health::default(),
         }
     }
 
@@ -79,7 +79,7 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
     /// assert_eq!(rr.endpoint().unwrap(), 1);
     /// ```
     pub fn with_outliers(mut self, outliers: Arc<Outliers>) -> Self {
-        self.outliers = Some(outliers);
+        self.health = Health::new(outliers);
         self
     }
 
@@ -90,20 +90,22 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
         }
     }
 
-    fn refresh(&self, snapshot: &Snapshot<E>, state: &mut RrState) {
-        if let Some(outliers) = &self.outliers {
-            state.hosts = outliers.table(snapshot);
-        }
+    /// Runs `pick` with this thread's snapshot and state (see [`ThreadCache::with`]).
+    #[inline(always)]
+    fn with<R>(&self, pick: impl FnOnce(&Slots<E>, &Snapshot<E>, &mut RrState) -> R) -> R {
+        self.cache.with(
+            &self.endpointer,
+            Self::init,
+            |snapshot, state| self.health.refresh(snapshot, &mut state.hosts),
+            pick,
+        )
     }
 
     /// The next slot in turn, past ejected instances.
     #[inline(always)]
     fn next_slot(&self, state: &mut RrState, n: usize) -> Option<usize> {
         let slot = crate::pick::step(&mut state.next, n)?;
-        Some(match &self.outliers {
-            None => slot,
-            Some(o) => crate::outliers::admitted(o, &state.hosts, slot, n),
-        })
+        Some(self.health.admitted(&state.hosts, slot, n))
     }
 
     /// The endpointer this balancer picks from.
@@ -129,10 +131,7 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<E, Error> {
-        self.cache.with(
-            &self.endpointer,
-            Self::init,
-            |snapshot, state| self.refresh(snapshot, state),
+        self.with(
             // Inlined at both of the cache's call sites: as a call, its result would be
             // copied out of the callee's frame on every pick.
             #[inline(always)]
@@ -146,41 +145,23 @@ where
     /// The next endpoint in turn that has not failed in this call (see
     /// [`Balancer::endpoint_avoiding`]).
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        self.cache.with(
-            &self.endpointer,
-            Self::init,
-            |snapshot, state| self.refresh(snapshot, state),
-            |endpoints, snapshot, state| {
-                let n = endpoints.len();
-                let slot = self
-                    .next_slot(state, n)
-                    .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
-                crate::pick::cloned_at(endpoints, snapshot, slot)
-            },
-        )
+        self.with(|endpoints, snapshot, state| {
+            let n = endpoints.len();
+            let slot = self
+                .next_slot(state, n)
+                .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
+            crate::pick::cloned_at(endpoints, snapshot, slot)
+        })
     }
 
     /// Passes the outcome to the outlier detection, if any.
     fn report(&self, tried: &Tried, ok: bool) {
-        let (Some(outliers), Some((version, slot))) = (&self.outliers, tried.last()) else {
-            return;
-        };
-        self.cache.with(
-            &self.endpointer,
-            Self::init,
-            |snapshot, state| self.refresh(snapshot, state),
-            |endpoints, snapshot, state| {
-                crate::outliers::record_at(
-                    outliers,
-                    &state.hosts,
-                    snapshot,
-                    version,
-                    slot,
-                    ok,
-                    endpoints.len(),
-                )
-            },
-        )
+        if let Some(pick) = self.health.wants(tried) {
+            self.with(|endpoints, snapshot, state| {
+                self.health
+                    .record(&state.hosts, snapshot, pick, ok, endpoints.len())
+            });
+        }
     }
 }
 
