@@ -1,6 +1,6 @@
 //! Picking one endpoint.
 
-use crate::Error;
+use crate::{CallGuard, Error, Snapshot};
 
 /// Picks one endpoint per call.
 ///
@@ -82,6 +82,11 @@ pub trait Balancer: Send + Sync {
 /// Recording a pick writes two words; only [`failed`](Self::failed) keeps it (allocating on the
 /// first failure), so a call whose first attempt succeeds allocates nothing.
 ///
+/// With an endpointer that drains removed endpoints ([`EndpointerOptions::drain`](crate::EndpointerOptions::drain)),
+/// a pick recorded with [`record_in`](Self::record_in) also counts a call in flight through that
+/// endpoint until [`finish`](Self::finish) (or the next pick, or dropping the `Tried`), so the
+/// endpoint is not closed under it.
+///
 /// ```
 /// use sd_core::Tried;
 ///
@@ -99,6 +104,8 @@ pub struct Tried {
     slots: Vec<u32>,
     /// The last pick, not yet known to have failed.
     last: Option<(u64, u32)>,
+    /// The call in flight through the last pick, when its endpointer drains.
+    call: Option<CallGuard>,
 }
 
 impl Tried {
@@ -120,6 +127,49 @@ impl Tried {
     #[inline]
     pub fn record(&mut self, version: u64, slot: usize) {
         self.last = u32::try_from(slot).ok().map(|s| (version, s));
+    }
+
+    /// Records a pick of slot `slot` of `snapshot` (by balancers), and counts a call in flight
+    /// through it when the endpointer drains removed endpoints, until [`finish`](Self::finish).
+    /// Returns `false`, recording nothing, when that endpoint was already closed: the snapshot
+    /// is older than the endpoint's removal, so pick again from the endpointer's current one.
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer, Tried};
+    ///
+    /// let snap = FixedEndpointer::new(vec!["a", "b"]).snapshot();
+    /// let mut t = Tried::new();
+    /// assert!(t.record_in(&snap, 1));
+    /// assert_eq!(t.last(), Some((snap.version(), 1)));
+    /// ```
+    #[inline]
+    pub fn record_in<E>(&mut self, snapshot: &Snapshot<E>, slot: usize) -> bool {
+        self.call = None;
+        if let Some(calls) = snapshot.calls() {
+            match calls.get(slot).map(|c| c.enter()) {
+                Some(None) => {
+                    self.last = None;
+                    return false;
+                }
+                Some(guard) => self.call = guard,
+                None => {}
+            }
+        }
+        self.record(snapshot.version(), slot);
+        true
+    }
+
+    /// The call through the last pick has ended (by callers: [`Retry`](https://docs.rs/sd-lb)
+    /// after each attempt); a removed endpoint waiting for it may close now. Also happens on the
+    /// next pick and when the `Tried` is dropped.
+    ///
+    /// ```
+    /// let mut t = sd_core::Tried::new();
+    /// t.finish(); // nothing in flight: nothing to do
+    /// ```
+    #[inline]
+    pub fn finish(&mut self) {
+        self.call = None;
     }
 
     /// The last recorded pick failed: avoid it from now on (by retries).

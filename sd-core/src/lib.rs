@@ -58,7 +58,8 @@ pub use discover::{discover, Discovery};
 
 pub use balancer::{Balancer, Tried};
 pub use endpointer::{
-    slots, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer, Slots, Snapshot,
+    slots, CallGuard, Calls, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer,
+    Slots, Snapshot,
 };
 pub use error::{BackendError, Error, Report};
 pub use event::{Event, EventStream};

@@ -435,15 +435,20 @@ where
     /// The less loaded of two endpoints that have not failed in this call (see
     /// [`Balancer::endpoint_avoiding`]).
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<InFlight<E>, Error> {
-        self.with(|endpoints, snapshot, local| {
-            let n = endpoints.len().min(local.loads.len());
-            if n == 0 {
-                return Err(snapshot.no_endpoints());
-            }
-            let i = self.admitted(local, n);
-            let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
-            guard_at(endpoints, &local.loads, snapshot, i)
-        })
+        crate::pick::until_open(
+            || {
+                self.with(|endpoints, snapshot, local| {
+                    let n = endpoints.len().min(local.loads.len());
+                    if n == 0 {
+                        return Some(Err(snapshot.no_endpoints()));
+                    }
+                    let i = self.admitted(local, n);
+                    let i = crate::pick::avoiding(tried, snapshot, i, n)?;
+                    Some(guard_at(endpoints, &local.loads, snapshot, i))
+                })
+            },
+            || Err(self.endpointer.snapshot().no_endpoints()),
+        )
     }
 
     /// Passes the outcome to the outlier detection, if any.

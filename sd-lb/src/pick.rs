@@ -47,9 +47,18 @@ pub(crate) fn cloned_at<E: Clone>(
 }
 
 /// For a retry: `slot` if it did not fail in this call, else the next slot in order (wrapping)
-/// of the `n` that did not; `slot` itself when all have failed. Records the result in `tried`.
+/// of the `n` that did not; `slot` itself when all have failed. Records the result in `tried`
+/// (counting a call in flight when the endpointer drains); `None` when the chosen endpoint was
+/// already closed, which happens only to a pick from a snapshot older than the endpoint's
+/// removal: pick again (the endpointer's version has moved, so the next pick refreshes).
 #[inline]
-pub(crate) fn avoiding(tried: &mut Tried, version: u64, slot: usize, n: usize) -> usize {
+pub(crate) fn avoiding<E>(
+    tried: &mut Tried,
+    snapshot: &Snapshot<E>,
+    slot: usize,
+    n: usize,
+) -> Option<usize> {
+    let version = snapshot.version();
     let chosen = if tried.any(version) && tried.avoids(version, slot) {
         (1..n)
             .map(|k| (slot + k) % n)
@@ -58,6 +67,17 @@ pub(crate) fn avoiding(tried: &mut Tried, version: u64, slot: usize, n: usize) -
     } else {
         slot
     };
-    tried.record(version, chosen);
-    chosen
+    tried.record_in(snapshot, chosen).then_some(chosen)
+}
+
+/// Runs `pick` until it does not meet a closed endpoint (see [`avoiding`]): at most a few
+/// rounds, since each stale round moves the thread to the endpointer's newer snapshot.
+#[inline]
+pub(crate) fn until_open<R>(mut pick: impl FnMut() -> Option<R>, stale: impl FnOnce() -> R) -> R {
+    for _ in 0..4 {
+        if let Some(r) = pick() {
+            return r;
+        }
+    }
+    stale()
 }

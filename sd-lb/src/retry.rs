@@ -365,6 +365,8 @@ impl<B: Balancer, C> Retry<B, C> {
                 self.balancer.report(&tried, false);
             }
             tried.failed();
+            // The attempt is over: a draining endpoint need not wait for our backoff.
+            tried.finish();
             if let Some(budget) = &self.budget {
                 budget.failed();
             }

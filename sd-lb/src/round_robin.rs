@@ -145,13 +145,19 @@ where
     /// The next endpoint in turn that has not failed in this call (see
     /// [`Balancer::endpoint_avoiding`]).
     fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        self.with(|endpoints, snapshot, state| {
-            let n = endpoints.len();
-            let slot = self
-                .next_slot(state, n)
-                .map(|s| crate::pick::avoiding(tried, snapshot.version(), s, n));
-            crate::pick::cloned_at(endpoints, snapshot, slot)
-        })
+        crate::pick::until_open(
+            || {
+                self.with(|endpoints, snapshot, state| {
+                    let n = endpoints.len();
+                    let Some(slot) = self.next_slot(state, n) else {
+                        return Some(Err(snapshot.no_endpoints()));
+                    };
+                    let slot = crate::pick::avoiding(tried, snapshot, slot, n)?;
+                    Some(crate::pick::cloned_at(endpoints, snapshot, Some(slot)))
+                })
+            },
+            || Err(self.endpointer.snapshot().no_endpoints()),
+        )
     }
 
     /// Passes the outcome to the outlier detection, if any.

@@ -11,8 +11,8 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::factory::{make_or_skip, CloseGuard};
 use crate::{
-    Change, Endpointer, Error, Event, EventStream, Factory, Instance, InstanceSet, Instancer,
-    Slots, Snapshot,
+    Calls, Change, Endpointer, Error, Event, EventStream, Factory, Instance, InstanceSet,
+    Instancer, Slots, Snapshot,
 };
 
 /// Options of a [`DefaultEndpointer`].
@@ -27,6 +27,7 @@ use crate::{
 #[derive(Debug, Clone, Default)]
 pub struct EndpointerOptions {
     invalidate_on_error: Option<Duration>,
+    drain: Option<Duration>,
 }
 
 impl EndpointerOptions {
@@ -65,6 +66,37 @@ impl EndpointerOptions {
     /// ```
     pub fn invalidate_timeout(&self) -> Option<Duration> {
         self.invalidate_on_error
+    }
+
+    /// Graceful drain: an endpoint whose instance leaves the set gets no new pick at once, but
+    /// its closer runs only when the last call through it ends, or after `timeout` if calls are
+    /// still in flight then (a hung call must not keep a connection open for ever). Off by
+    /// default: closers run as soon as the instance leaves.
+    ///
+    /// Calls are counted from the pick to the end of the attempt by balancers that record their
+    /// picks with [`Tried::record_in`](crate::Tried::record_in): sd-lb's round robin, random and
+    /// P2C through [`Balancer::endpoint_avoiding`](crate::Balancer::endpoint_avoiding), which
+    /// `Retry` and the tower service use. A bare `endpoint()` pick is not counted. Counting costs
+    /// two atomic operations per call; each removal that finds calls in flight starts one timer.
+    /// Envoy's `drain_timeout` and gRPC's graceful `GOAWAY` follow the same idea.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = sd_core::EndpointerOptions::new().drain(Duration::from_secs(5));
+    /// assert_eq!(opts.drain_timeout(), Some(Duration::from_secs(5)));
+    /// ```
+    pub fn drain(mut self, timeout: Duration) -> Self {
+        self.drain = Some(timeout);
+        self
+    }
+
+    /// The timeout set by [`drain`](Self::drain).
+    ///
+    /// ```
+    /// assert_eq!(sd_core::EndpointerOptions::new().drain_timeout(), None);
+    /// ```
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        self.drain
     }
 }
 
@@ -145,6 +177,8 @@ struct Cache<E> {
     /// The next snapshot's slots: `entries`' instances and their endpoints.
     instances: Slots<Instance>,
     endpoints: Slots<E>,
+    /// With drain: each endpoint's calls in flight, in slot order, and the drain timeout.
+    calls: Option<(Slots<Arc<Calls>>, Duration)>,
     /// Slots changed since the last published snapshot; `None` after a rebuild (all of them).
     changed: Option<Vec<usize>>,
     error: Option<Arc<Error>>,
@@ -153,8 +187,19 @@ struct Cache<E> {
 
 struct Entry {
     slot: usize,
-    /// Runs the instance's closer when the entry is dropped.
-    _close: CloseGuard,
+    /// Runs the instance's closer when the entry is dropped (with drain: once its calls end).
+    close: CloseGuard,
+    /// With drain: the calls in flight through this endpoint, and the drain timeout.
+    calls: Option<(Arc<Calls>, Duration)>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some((calls, timeout)) = self.calls.take() {
+            let close = std::mem::replace(&mut self.close, CloseGuard::new(None));
+            calls.drain_guard(close, Some(timeout));
+        }
+    }
 }
 
 /// What one event asks of the factory, found under the lock and done outside it.
@@ -171,19 +216,23 @@ impl<E> Cache<E> {
         self.failed.clear();
         self.instances = Slots::new();
         self.endpoints = Slots::new();
+        if let Some((calls, _)) = &mut self.calls {
+            *calls = Slots::new();
+        }
         self.changed = None;
         std::mem::take(&mut self.entries)
     }
 }
 
 impl<E: Clone> Cache<E> {
-    fn empty() -> Self {
+    fn empty(drain: Option<Duration>) -> Self {
         Cache {
             set: InstanceSet::new(),
             entries: BTreeMap::new(),
             failed: BTreeSet::new(),
             instances: Slots::new(),
             endpoints: Slots::new(),
+            calls: drain.map(|timeout| (Slots::new(), timeout)),
             changed: Some(Vec::new()),
             error: None,
             closed: false,
@@ -201,6 +250,9 @@ impl<E: Clone> Cache<E> {
         let entry = self.entries.remove(instance)?;
         self.instances.swap_remove(entry.slot);
         self.endpoints.swap_remove(entry.slot);
+        if let Some((calls, _)) = &mut self.calls {
+            calls.swap_remove(entry.slot);
+        }
         if let Some(moved) = self.instances.get(entry.slot).cloned() {
             if let Some(e) = self.entries.get_mut(&moved) {
                 e.slot = entry.slot;
@@ -212,23 +264,31 @@ impl<E: Clone> Cache<E> {
 
     /// Adds an endpoint in a new last slot (an instance already present is replaced in place).
     fn add(&mut self, instance: Instance, endpoint: E, close: CloseGuard) -> Option<Entry> {
+        let calls = self
+            .calls
+            .as_ref()
+            .map(|(_, timeout)| (Calls::new(), *timeout));
         if let Some(entry) = self.entries.get_mut(&instance) {
-            self.endpoints.set(entry.slot, endpoint);
             let slot = entry.slot;
-            let old = std::mem::replace(&mut entry._close, close);
+            self.endpoints.set(slot, endpoint);
+            if let (Some((slots, _)), Some((c, _))) = (&mut self.calls, &calls) {
+                slots.set(slot, c.clone());
+            }
+            let old = Entry {
+                slot,
+                close: std::mem::replace(&mut entry.close, close),
+                calls: std::mem::replace(&mut entry.calls, calls),
+            };
             self.mark(slot);
-            return Some(Entry { slot, _close: old });
+            return Some(old);
         }
         let slot = self.instances.len();
         self.instances.push(instance.clone());
         self.endpoints.push(endpoint);
-        self.entries.insert(
-            instance,
-            Entry {
-                slot,
-                _close: close,
-            },
-        );
+        if let (Some((slots, _)), Some((c, _))) = (&mut self.calls, &calls) {
+            slots.push(c.clone());
+        }
+        self.entries.insert(instance, Entry { slot, close, calls });
         self.mark(slot);
         None
     }
@@ -237,6 +297,7 @@ impl<E: Clone> Cache<E> {
     fn rebuild(&mut self) {
         let mut instances = Vec::with_capacity(self.entries.len());
         let mut endpoints = Vec::with_capacity(self.entries.len());
+        let mut calls = Vec::new();
         for (slot, (instance, entry)) in self.entries.iter_mut().enumerate() {
             let old = entry.slot;
             entry.slot = slot;
@@ -244,9 +305,15 @@ impl<E: Clone> Cache<E> {
             if let Some(e) = self.endpoints.get(old) {
                 endpoints.push(e.clone());
             }
+            if let Some((c, _)) = &entry.calls {
+                calls.push(c.clone());
+            }
         }
         self.instances = Slots::from(instances);
         self.endpoints = Slots::from(endpoints);
+        if let Some((slots, _)) = &mut self.calls {
+            *slots = Slots::from(calls);
+        }
         self.changed = None;
     }
 }
@@ -284,7 +351,7 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
             version: AtomicU64::new(0),
             snapshot: ArcSwap::from_pointee(Snapshot::new(0, Slots::new(), Slots::new(), None)),
             published: tokio::sync::Notify::new(),
-            cache: Mutex::new(Cache::empty()),
+            cache: Mutex::new(Cache::empty(options.drain)),
         });
         let mut stream = instancer.subscribe();
         let mut follower = Follower {
@@ -446,6 +513,9 @@ impl<E: Clone> Shared<E> {
             cache.endpoints.clone(),
             cache.error.clone(),
         );
+        if let Some((calls, _)) = &cache.calls {
+            snapshot = snapshot.with_calls(calls.clone());
+        }
         if let Some(mut changed) = cache.changed.replace(Vec::new()) {
             changed.retain(|&slot| slot < cache.endpoints.len());
             changed.sort_unstable();

@@ -1,12 +1,14 @@
 //! Endpoint sets: the [`Endpointer`] trait, its [`Snapshot`], the live [`DefaultEndpointer`] and
 //! the static [`FixedEndpointer`].
 
+mod calls;
 mod default;
 mod fixed;
 pub mod slots;
 
 use std::sync::Arc;
 
+pub use calls::{CallGuard, Calls};
 pub use default::{DefaultEndpointer, EndpointerOptions};
 pub use fixed::FixedEndpointer;
 pub use slots::Slots;
@@ -38,6 +40,8 @@ pub struct Snapshot<E> {
     endpoints: Slots<E>,
     error: Option<Arc<Error>>,
     changed: Option<(u64, Arc<[usize]>)>,
+    /// Each endpoint's calls in flight, when the endpointer drains removed endpoints.
+    calls: Option<Slots<Arc<Calls>>>,
 }
 
 impl<E> Snapshot<E> {
@@ -64,7 +68,39 @@ impl<E> Snapshot<E> {
             endpoints,
             error,
             changed: None,
+            calls: None,
         }
+    }
+
+    /// Attaches each endpoint's [`Calls`] (same order as the endpoints), for an endpointer that
+    /// closes a removed endpoint only once the calls through it end (see
+    /// [`EndpointerOptions::drain`]). Balancers count a call through
+    /// [`Tried::record_in`](crate::Tried::record_in).
+    ///
+    /// ```
+    /// use sd_core::{Calls, Slots, Snapshot};
+    ///
+    /// let snap = Snapshot::new(1, Slots::from(vec!["a:1".into()]), Slots::from(vec![1]), None)
+    ///     .with_calls(Slots::from(vec![Calls::new()]));
+    /// assert_eq!(snap.calls().map(|c| c.len()), Some(1));
+    /// ```
+    pub fn with_calls(mut self, calls: Slots<Arc<Calls>>) -> Self {
+        debug_assert_eq!(calls.len(), self.endpoints.len());
+        self.calls = Some(calls);
+        self
+    }
+
+    /// Each endpoint's calls in flight, when the endpointer drains (see
+    /// [`with_calls`](Self::with_calls)).
+    ///
+    /// ```
+    /// use sd_core::{Endpointer, FixedEndpointer};
+    ///
+    /// assert!(FixedEndpointer::new(vec![1]).snapshot().calls().is_none());
+    /// ```
+    #[inline]
+    pub fn calls(&self) -> Option<&Slots<Arc<Calls>>> {
+        self.calls.as_ref()
     }
 
     /// Records that this snapshot differs from the one of version `since` only in the given

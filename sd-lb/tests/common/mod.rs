@@ -81,3 +81,21 @@ pub fn changed_blocking<E>(endpointer: &impl Endpointer<E>, from: u64) {
         std::thread::yield_now();
     }
 }
+
+/// What a pick hands out, as the instance string it was made from: the endpoint itself for
+/// most balancers, P2C's guard around it.
+pub trait Name {
+    fn name(&self) -> String;
+}
+
+impl Name for String {
+    fn name(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Name for sd_lb::InFlight<String> {
+    fn name(&self) -> String {
+        (**self).clone()
+    }
+}
