@@ -12,7 +12,19 @@
 //! them as if none were (panic mode).
 //!
 //! State belongs to the instance (its stored value) and lasts while the instance is in the set:
-//! one that leaves and comes back starts clean. Outcomes reach it through
+//! one that leaves and comes back starts clean.
+//!
+//! **Slow start** ([`Outliers::slow_start`], off by default; 30 s is typical), after Envoy's
+//! `slow_start_config`: an instance that joins the set after the first one a balancer saw gets a
+//! share of picks that ramps up over the window, `max(min_percent, (elapsed / window)^(1 /
+//! aggression))` of its fair share (defaults: aggression 1.0, a linear ramp; min 10 %), so cold
+//! caches and empty connection pools are not hit with a full share at once. A pick that lands on a
+//! warming instance is kept with that probability, else drawn again the balancer's own way (round
+//! robin: the next in turn; random and P2C: a new draw), which also spreads an ejected instance's
+//! picks evenly over the rest. One that leaves and comes back warms up again.
+//!
+//! With nothing ejected and nothing warming, a pick reads two shared counters and nothing of any
+//! instance: health tracking costs the success path next to nothing. Outcomes reach it through
 //! [`Balancer::report`](sd_core::Balancer::report), which [`Retry`](crate::Retry) calls after
 //! every attempt; an outcome for a pick from a snapshot that has changed since is dropped (its
 //! slot no longer names the same instance).
@@ -49,13 +61,33 @@ pub struct Outliers {
     /// Every instance's health, by instance and by occurrence of the instance in its set (a
     /// fixed list names every endpoint alike).
     known: Mutex<HashMap<(Instance, usize), Weak<Host>>>,
-    ejected: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
     listener: Option<Box<Listener>>,
     /// The failure-rate detector: (percent, window of calls), off by default.
     rate: Option<(u64, u64)>,
     /// The size of the last set a table was built for (the cap's base for direct reports).
     last_n: AtomicUsize,
+    /// Slow start, off by default.
+    slow_start: Option<SlowStart>,
+    /// Whether a table was built yet: the first set's instances start warm.
+    seen_a_set: std::sync::atomic::AtomicBool,
+}
+
+/// Instances ejected and warming now: a pick looks at an instance's health only when either
+/// is non-zero. Side by side, so a pick's check reads one cache line.
+#[derive(Default)]
+pub(crate) struct Counts {
+    ejected: AtomicUsize,
+    warming: AtomicUsize,
+}
+
+/// Slow start's ramp (see the [module docs](crate::outliers)).
+#[derive(Debug, Clone, Copy)]
+struct SlowStart {
+    window_ms: u64,
+    aggression: f64,
+    min: f64,
 }
 
 type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
@@ -91,15 +123,21 @@ pub(crate) struct Host {
     /// Milliseconds since the epoch until which the instance is ejected; 0 when in service.
     until: AtomicU64,
     times: AtomicU32,
-    ejected: Arc<AtomicUsize>,
+    /// Milliseconds since the epoch when slow start began for it; 0 when warm.
+    since: AtomicU64,
+    counts: Arc<Counts>,
     instance: Instance,
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // An instance that leaves the set while ejected no longer counts against the cap.
-        if self.until.load(Ordering::Relaxed) != 0 {
-            self.ejected.fetch_sub(1, Ordering::Relaxed);
+        // An instance that leaves the set while ejected no longer counts against the cap, nor,
+        // while warming, as warming.
+        if *self.until.get_mut() != 0 {
+            self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+        }
+        if *self.since.get_mut() != 0 {
+            self.counts.warming.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -113,11 +151,13 @@ impl Default for Outliers {
             max_percent: 50,
             epoch: Instant::now(),
             known: Mutex::default(),
-            ejected: Arc::default(),
+            counts: Arc::default(),
             tables: PerSnapshot::default(),
             listener: None,
             rate: None,
             last_n: AtomicUsize::new(0),
+            slow_start: None,
+            seen_a_set: Default::default(),
         }
     }
 }
@@ -219,6 +259,75 @@ impl Outliers {
         self
     }
 
+    /// Slow start: instances that join after the first set a balancer saw ramp up to their
+    /// share of picks over `window` (see the [module docs](crate::outliers); Envoy's
+    /// `slow_start_window`). Off by default; 30 s is typical. Above zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let o = sd_lb::Outliers::new().slow_start(Duration::from_secs(30)).unwrap();
+    /// assert!(sd_lb::Outliers::new().slow_start(Duration::ZERO).is_err());
+    /// # let _ = o;
+    /// ```
+    pub fn slow_start(mut self, window: Duration) -> Result<Self, Error> {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        if window_ms == 0 {
+            return Err(Error::invalid_argument(format!(
+                "slow start window {window:?}: at least 1 ms (30 s is typical)"
+            )));
+        }
+        let shape = self
+            .slow_start
+            .map_or((1.0, 0.1), |s| (s.aggression, s.min));
+        self.slow_start = Some(SlowStart {
+            window_ms,
+            aggression: shape.0,
+            min: shape.1,
+        });
+        Ok(self)
+    }
+
+    /// The ramp's shape (Envoy's `aggression` and `min_weight_percent`): a warming instance gets
+    /// `max(min_percent, (elapsed / window)^(1 / aggression))` of its share. Aggression 1.0 (the
+    /// default) ramps linearly, above 1 faster at first, below 1 slower; `min_percent` (default
+    /// 10) is the share it starts with. Set [`slow_start`](Self::slow_start) to turn it on.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let o = sd_lb::Outliers::new()
+    ///     .slow_start(Duration::from_secs(60)).unwrap()
+    ///     .slow_start_shape(2.0, 5).unwrap();
+    /// assert!(sd_lb::Outliers::new().slow_start_shape(0.0, 10).is_err());
+    /// assert!(sd_lb::Outliers::new().slow_start_shape(1.0, 101).is_err());
+    /// # let _ = o;
+    /// ```
+    pub fn slow_start_shape(mut self, aggression: f64, min_percent: u32) -> Result<Self, Error> {
+        if !(aggression.is_finite() && aggression > 0.0) || min_percent > 100 {
+            return Err(Error::invalid_argument(format!(
+                "slow start aggression {aggression} and min {min_percent} %: aggression above 0 \
+                 (1.0 ramps linearly), min 0 to 100 % (Envoy's defaults: 1.0 and 10 %)"
+            )));
+        }
+        let window_ms = self.slow_start.map_or(0, |s| s.window_ms);
+        self.slow_start = Some(SlowStart {
+            window_ms,
+            aggression,
+            min: f64::from(min_percent) / 100.0,
+        });
+        Ok(self)
+    }
+
+    /// How many instances are warming up now (see [`slow_start`](Self::slow_start)).
+    ///
+    /// ```
+    /// assert_eq!(sd_lb::Outliers::new().warming(), 0);
+    /// ```
+    pub fn warming(&self) -> usize {
+        self.counts.warming.load(Ordering::Relaxed)
+    }
+
     fn tell(&self, host: &Host, change: HealthChange) {
         if let Some(listener) = &self.listener {
             listener(&host.instance, &change);
@@ -283,7 +392,7 @@ impl Outliers {
     /// assert_eq!(sd_lb::Outliers::new().ejected(), 0);
     /// ```
     pub fn ejected(&self) -> usize {
-        self.ejected.load(Ordering::Relaxed)
+        self.counts.ejected.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -297,6 +406,10 @@ impl Outliers {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             let unnamed = Instance::new("");
             let mut occurrences: HashMap<&Instance, usize> = HashMap::new();
+            // The first set's instances are warm; later ones warm up (with slow start on).
+            let warm_up = self.slow_start.filter(|s| s.window_ms > 0).is_some()
+                && self.seen_a_set.swap(true, Ordering::Relaxed);
+            let now = if warm_up { self.now_ms() } else { 0 };
             let table: Arc<[Arc<Host>]> = (0..snapshot.endpoints().len())
                 .map(|i| {
                     let instance = snapshot.instances().get(i).unwrap_or(&unnamed);
@@ -311,9 +424,13 @@ impl Outliers {
                                 window: AtomicU64::new(0),
                                 until: AtomicU64::new(0),
                                 times: AtomicU32::new(0),
-                                ejected: self.ejected.clone(),
+                                since: AtomicU64::new(now),
+                                counts: self.counts.clone(),
                                 instance: instance.clone(),
                             });
+                            if warm_up {
+                                self.counts.warming.fetch_add(1, Ordering::Relaxed);
+                            }
                             known.insert(key, Arc::downgrade(&host));
                             host
                         }
@@ -326,13 +443,55 @@ impl Outliers {
         })
     }
 
-    /// Whether `host` may be picked now. In service: yes. Ejected: no, until its time is over;
-    /// then one pick gets through (the probe), and the next waits another base period unless
-    /// the probe's outcome decides first.
+    /// Whether any instance is ejected or warming: only then does a pick look at one.
+    #[inline(always)]
+    fn quiet(&self) -> bool {
+        self.counts.ejected.load(Ordering::Relaxed) == 0
+            && self.counts.warming.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether `host` may be picked now. Warming: with its slow-start probability. Ejected: no,
+    /// until its time is over; then one pick gets through (the probe), and the next waits
+    /// another base period unless the probe's outcome decides first.
     #[inline]
     pub(crate) fn admits(&self, host: &Host) -> bool {
+        let since = host.since.load(Ordering::Relaxed);
+        if since != 0 && !self.warm_enough(host, since) {
+            return false;
+        }
         let until = host.until.load(Ordering::Relaxed);
         until == 0 || self.probe(host, until)
+    }
+
+    /// Whether `host` is ejected and not due for its probe (for the fallback when draws keep
+    /// failing: warming instances are acceptable then).
+    fn shut(&self, host: &Host) -> bool {
+        let until = host.until.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// Slow start's draw for a warming `host` (warming since `since`): true with its current
+    /// share; marks it warm once the window is over.
+    #[cold]
+    fn warm_enough(&self, host: &Host, since: u64) -> bool {
+        let Some(ramp) = self.slow_start else {
+            return true;
+        };
+        let elapsed = self.now_ms().saturating_sub(since);
+        if elapsed >= ramp.window_ms {
+            if host
+                .since
+                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.counts.warming.fetch_sub(1, Ordering::Relaxed);
+            }
+            return true;
+        }
+        let share = (elapsed as f64 / ramp.window_ms as f64)
+            .powf(1.0 / ramp.aggression)
+            .max(ramp.min);
+        fastrand::f64() < share
     }
 
     #[cold]
@@ -356,7 +515,7 @@ impl Outliers {
                 host.fails.store(0, Ordering::Relaxed);
             }
             if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
             }
@@ -405,6 +564,7 @@ impl Outliers {
     fn try_eject(&self, host: &Host, n: usize, why: &str) {
         let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
         if self
+            .counts
             .ejected
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
                 allowed(c).then_some(c + 1)
@@ -438,6 +598,8 @@ impl std::fmt::Debug for Outliers {
             .field("max", &self.max)
             .field("max_percent", &self.max_percent)
             .field("ejected", &self.ejected())
+            .field("slow_start", &self.slow_start)
+            .field("warming", &self.warming())
             .finish()
     }
 }
@@ -459,18 +621,23 @@ impl Health {
         }
     }
 
-    /// `slot`, or, when its instance is ejected, the next admitted one in order (wrapping);
-    /// `slot` itself when none is (panic mode: every instance is ejected).
+    /// The slot `draw` gives, drawn again (the balancer's own way: the next in turn, a new
+    /// random draw) while it lands on an ejected instance or a warming one that slow start turns
+    /// away. After `n` draws (at most 64) that all miss, the first slot in order whose instance
+    /// is not ejected, or the first draw when every instance is (panic mode).
     #[inline(always)]
-    pub(crate) fn admitted(&self, hosts: &[Arc<Host>], slot: usize, n: usize) -> usize {
-        let Some(outliers) = &self.0 else {
-            return slot;
-        };
-        match hosts.get(slot) {
-            Some(h) if !outliers.admits(h) => (1..n)
-                .map(|k| (slot + k) % n)
-                .find(|&s| hosts.get(s).is_some_and(|h| outliers.admits(h)))
-                .unwrap_or(slot),
+    pub(crate) fn pick(
+        &self,
+        hosts: &[Arc<Host>],
+        n: usize,
+        mut draw: impl FnMut() -> usize,
+    ) -> usize {
+        let slot = draw();
+        match &self.0 {
+            Some(outliers) if !outliers.quiet() => match hosts.get(slot) {
+                Some(h) if !outliers.admits(h) => redraw(outliers, hosts, n, slot, draw),
+                _ => slot,
+            },
             _ => slot,
         }
     }
@@ -497,4 +664,26 @@ impl Health {
             }
         }
     }
+}
+
+/// [`Health::pick`]'s slow path: `first` was turned away.
+#[cold]
+#[inline(never)]
+fn redraw(
+    outliers: &Outliers,
+    hosts: &[Arc<Host>],
+    n: usize,
+    first: usize,
+    mut draw: impl FnMut() -> usize,
+) -> usize {
+    for _ in 1..n.min(64) {
+        let slot = draw();
+        if hosts.get(slot).is_none_or(|h| outliers.admits(h)) {
+            return slot;
+        }
+    }
+    (1..n)
+        .map(|k| (first + k) % n)
+        .find(|&s| hosts.get(s).is_some_and(|h| !outliers.shut(h)))
+        .unwrap_or(first)
 }

@@ -484,30 +484,36 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
         self.health.refresh(snapshot, &mut local.hosts);
     }
 
-    /// [`choose`](Self::choose), past ejected instances.
+    /// [`choose`](Self::choose), drawn again past ejected instances and those slow start
+    /// turns away.
     #[inline(always)]
     fn admitted(&self, local: &mut Local, n: usize) -> usize {
-        let i = self.choose(local, n);
-        self.health.admitted(&local.hosts, i, n)
+        let Local {
+            rng,
+            loads,
+            local: zone,
+            hosts,
+            ..
+        } = local;
+        self.health
+            .pick(hosts, n, || self.choose(rng, loads, zone, n))
     }
 
     /// The slot to pick among `n` (at least 1): the lighter of two random ones per unit of
     /// weight, within the preferred zone unless it spills.
     #[inline(always)]
-    fn choose(&self, local: &mut Local, n: usize) -> usize {
-        let loads = &local.loads;
+    fn choose(&self, rng: &mut fastrand::Rng, loads: &Table, zone: &[u32], n: usize) -> usize {
         match n {
             1 => 0,
-            _ if !local.local.is_empty() => {
-                let zone = &local.local;
+            _ if !zone.is_empty() => {
                 let best = match zone.len() {
                     1 => zone[0] as usize,
                     m => {
-                        let (a, b) = two(&mut local.rng, m);
+                        let (a, b) = two(rng, m);
                         lighter(loads, zone[a] as usize, zone[b] as usize)
                     }
                 };
-                let other = local.rng.usize(..n);
+                let other = rng.usize(..n);
                 let spill = self.zone.as_ref().map_or(f64::INFINITY, |z| z.spill);
                 match (loads.get(best), loads.get(other)) {
                     (Some(lb), Some(lo)) if per_weight(lb, 0) > spill * per_weight(lo, 1) => other,
@@ -515,7 +521,7 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
                 }
             }
             _ => {
-                let (a, b) = two(&mut local.rng, n);
+                let (a, b) = two(rng, n);
                 lighter(loads, a, b)
             }
         }

@@ -116,11 +116,14 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
         )
     }
 
-    /// A random slot, past ejected instances.
+    /// A random slot, past ejected instances and those slow start turns away.
     #[inline(always)]
     fn next_slot(&self, state: &mut RandomState, n: usize) -> Option<usize> {
-        let slot = (n > 0).then(|| state.rng.usize(..n))?;
-        Some(self.health.admitted(&state.hosts, slot, n))
+        if n == 0 {
+            return None;
+        }
+        let RandomState { rng, hosts } = state;
+        Some(self.health.pick(hosts, n, || rng.usize(..n)))
     }
 
     /// The endpointer this balancer picks from.

@@ -101,11 +101,17 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
         )
     }
 
-    /// The next slot in turn, past ejected instances.
+    /// The next slot in turn, past ejected instances and those slow start turns away.
     #[inline(always)]
     fn next_slot(&self, state: &mut RrState, n: usize) -> Option<usize> {
-        let slot = crate::pick::step(&mut state.next, n)?;
-        Some(self.health.admitted(&state.hosts, slot, n))
+        if n == 0 {
+            return None;
+        }
+        let RrState { next, hosts } = state;
+        Some(
+            self.health
+                .pick(hosts, n, || crate::pick::step(next, n).unwrap_or(0)),
+        )
     }
 
     /// The endpointer this balancer picks from.
