@@ -17,7 +17,11 @@
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback, a [`RetryBudget`], backoff; retries avoid endpoints that failed in the call and report every outcome | the call's result |
 //!
 //! [`RoundRobin`], [`Random`] and [`P2c`] take [`Outliers`] (`with_outliers`): passive health
-//! checking that ejects instances whose calls keep failing (see [`outliers`]).
+//! checking that ejects instances whose calls keep failing, slow start for instances that just
+//! joined (see [`outliers`]), and optional active health checks of your own
+//! ([`Outliers::spawn_checks`], see [`checks`]). With
+//! [`EndpointerOptions::drain`](sd_core::EndpointerOptions::drain), a removed instance is closed
+//! only once the calls these balancers (and [`Retry`]) picked it for have ended.
 //!
 //! A pick takes no lock, allocates nothing and never awaits: each thread caches the endpointer's
 //! snapshot and re-reads it only when the endpointer's version moves (one atomic load per pick).
@@ -63,6 +67,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checks;
 pub mod hash;
 pub mod outliers;
 pub mod p2c;

@@ -60,7 +60,7 @@ pub struct Outliers {
     epoch: Instant,
     /// Every instance's health, by instance and by occurrence of the instance in its set (a
     /// fixed list names every endpoint alike).
-    known: Mutex<HashMap<(Instance, usize), Weak<Host>>>,
+    known: Mutex<HashMap<HostKey, Weak<Host>>>,
     counts: Arc<Counts>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
     listener: Option<Box<Listener>>,
@@ -92,6 +92,9 @@ struct SlowStart {
 
 type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
 
+/// An instance and which occurrence of it in its set (a fixed list names every endpoint alike).
+pub(crate) type HostKey = (Instance, usize);
+
 /// What [`Outliers::on_change`] is told.
 ///
 /// ```
@@ -111,7 +114,13 @@ pub enum HealthChange {
         /// How long this ejection lasts.
         duration: Duration,
     },
-    /// Back in service: its probe succeeded.
+    /// Taken out of service by active health checks (see [`Outliers::spawn_checks`]) after
+    /// `failures` failed checks in a row; it stays out until enough checks pass.
+    Unhealthy {
+        /// The failed checks in a row that took it out.
+        failures: u32,
+    },
+    /// Back in service: its probe succeeded, or enough active checks passed.
     Restored,
 }
 
@@ -125,6 +134,8 @@ pub(crate) struct Host {
     times: AtomicU32,
     /// Milliseconds since the epoch when slow start began for it; 0 when warm.
     since: AtomicU64,
+    /// Taken out by active health checks: only they bring it back.
+    checked_out: std::sync::atomic::AtomicBool,
     counts: Arc<Counts>,
     instance: Instance,
 }
@@ -425,6 +436,7 @@ impl Outliers {
                                 until: AtomicU64::new(0),
                                 times: AtomicU32::new(0),
                                 since: AtomicU64::new(now),
+                                checked_out: Default::default(),
                                 counts: self.counts.clone(),
                                 instance: instance.clone(),
                             });
@@ -508,6 +520,10 @@ impl Outliers {
 
     /// An outcome of a call to `host`, one of `n` instances in the set.
     pub(crate) fn record(&self, host: &Host, ok: bool, n: usize) {
+        if host.checked_out.load(Ordering::Relaxed) {
+            // Out by active checks: calls (probes cannot reach it) neither restore nor extend.
+            return;
+        }
         let ejected = host.until.load(Ordering::Relaxed) != 0;
         let too_often = !ejected && self.window_says_eject(host, ok);
         if ok {
@@ -559,18 +575,63 @@ impl Outliers {
         calls >= window && failures * 100 >= percent * calls
     }
 
-    /// Ejects `host` for `why`, unless that would put more than `max_ejection_percent` of the
-    /// `n` instances out at once.
-    fn try_eject(&self, host: &Host, n: usize, why: &str) {
+    /// The instances balancers have picked from and that are still in their sets, for active
+    /// checks, with the size of the last set (the cap's base).
+    pub(crate) fn live(&self) -> (Vec<(HostKey, Arc<Host>)>, usize) {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = known
+            .iter()
+            .filter_map(|(k, h)| h.upgrade().map(|h| (k.clone(), h)))
+            .collect();
+        (hosts, self.last_n.load(Ordering::Relaxed))
+    }
+
+    /// Active checks failed `failures` times in a row for `host`: take it out until they pass
+    /// again, within the cap. Returns whether it is out.
+    pub(crate) fn check_out(&self, host: &Host, failures: u32, n: usize) -> bool {
+        if host.checked_out.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Already ejected by its calls: it counts against the cap once.
+        if host.until.load(Ordering::Relaxed) == 0 && !self.take_cap(n) {
+            return false;
+        }
+        host.checked_out.store(true, Ordering::Relaxed);
+        host.until.store(u64::MAX, Ordering::Relaxed);
+        tracing::warn!(instance = %host.instance, failures, "out of service: active health checks failed");
+        self.tell(host, HealthChange::Unhealthy { failures });
+        true
+    }
+
+    /// Active checks passed enough times in a row for `host`: back in service if they took it
+    /// out.
+    pub(crate) fn check_in(&self, host: &Host) {
+        if host.checked_out.swap(false, Ordering::Relaxed) {
+            host.fails.store(0, Ordering::Relaxed);
+            if host.until.swap(0, Ordering::Relaxed) != 0 {
+                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+            }
+            tracing::info!(instance = %host.instance, "restored: active health checks passed");
+            self.tell(host, HealthChange::Restored);
+        }
+    }
+
+    /// Counts one more instance out, unless that would put more than `max_ejection_percent` of
+    /// the `n` instances out at once.
+    fn take_cap(&self, n: usize) -> bool {
         let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
-        if self
-            .counts
+        self.counts
             .ejected
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
                 allowed(c).then_some(c + 1)
             })
-            .is_err()
-        {
+            .is_ok()
+    }
+
+    /// Ejects `host` for `why`, unless that would put more than `max_ejection_percent` of the
+    /// `n` instances out at once.
+    fn try_eject(&self, host: &Host, n: usize, why: &str) {
+        if !self.take_cap(n) {
             return;
         }
         host.fails.store(0, Ordering::Relaxed);

@@ -48,7 +48,10 @@ where
     assert_eq!(outliers.warming(), 0, "{name}");
     for i in &first {
         let share = at_start[i] as f64 / 2_000.0;
-        assert!((0.85..=1.15).contains(&share), "{name}: {i} got {share:.2} of its share at once");
+        assert!(
+            (0.85..=1.15).contains(&share),
+            "{name}: {i} got {share:.2} of its share at once"
+        );
     }
 
     let mut all = first.clone();
@@ -66,12 +69,19 @@ where
         shares.push(c.get("new").copied().unwrap_or(0) as f64 / fair);
         tokio::time::advance(BUCKET).await;
     }
-    assert!(shares[0] < 0.35, "{name}: started at {:.2} of its fair share", shares[0]);
+    assert!(
+        shares[0] < 0.35,
+        "{name}: started at {:.2} of its fair share",
+        shares[0]
+    );
     for w in shares[..7].windows(2) {
         assert!(w[1] > w[0], "{name}: share did not rise: {shares:.2?}");
     }
     for s in &shares[6..] {
-        assert!((0.85..=1.15).contains(s), "{name}: after the window: {shares:.2?}");
+        assert!(
+            (0.85..=1.15).contains(s),
+            "{name}: after the window: {shares:.2?}"
+        );
     }
     assert_eq!(outliers.warming(), 0, "{name}: warm after the window");
 }
@@ -126,7 +136,13 @@ async fn an_ejected_instances_picks_spread_evenly() {
     let retry = Retry::new(&rr, 1, Duration::from_secs(1)).unwrap();
     while outliers.ejected() == 0 {
         let _ = retry
-            .call(|e: String| async move { if e == "i4" { Err("down") } else { Ok(()) } })
+            .call(|e: String| async move {
+                if e == "i4" {
+                    Err("down")
+                } else {
+                    Ok(())
+                }
+            })
             .await;
     }
     let c = counts(&rr, 9_000);
