@@ -204,6 +204,64 @@ fn bench_weighted(c: &mut Criterion) {
     group.finish();
 }
 
+/// Health tracking on the success path (nothing ejected or warming) beside the same balancers
+/// without it and the bare baseline, one thread.
+fn bench_health(c: &mut Criterion) {
+    let mut group = c.benchmark_group("health");
+    for n in [10usize, 10_000] {
+        let sets = sets(n);
+        let bare = Bare {
+            next: AtomicUsize::new(0),
+            endpoints: (0..n as u64).collect(),
+        };
+        let outliers = || Arc::new(Outliers::new());
+        let warming = || {
+            Arc::new(
+                Outliers::new()
+                    .slow_start(Duration::from_secs(30))
+                    .expect("a valid window"),
+            )
+        };
+        let rr = RoundRobin::new(sets.live.clone());
+        let rr_checked = RoundRobin::new(sets.live.clone()).with_outliers(outliers());
+        let rr_slow = RoundRobin::new(sets.live.clone()).with_outliers(warming());
+        let random = Random::new(sets.live.clone());
+        let random_checked = Random::new(sets.live.clone()).with_outliers(outliers());
+        let p2c = P2c::new(sets.live.clone());
+        let p2c_checked = P2c::new(sets.live.clone()).with_outliers(outliers());
+        let cases: [(&str, &dyn Fn()); 8] = [
+            ("baseline_fetch_add_index", &|| {
+                black_box(bare.pick());
+            }),
+            ("round_robin", &|| {
+                let _ = black_box(rr.endpoint());
+            }),
+            ("round_robin_outliers", &|| {
+                let _ = black_box(rr_checked.endpoint());
+            }),
+            ("round_robin_outliers_slow_start", &|| {
+                let _ = black_box(rr_slow.endpoint());
+            }),
+            ("random", &|| {
+                let _ = black_box(random.endpoint());
+            }),
+            ("random_outliers", &|| {
+                let _ = black_box(random_checked.endpoint());
+            }),
+            ("p2c", &|| {
+                let _ = black_box(p2c.endpoint());
+            }),
+            ("p2c_outliers", &|| {
+                let _ = black_box(p2c_checked.endpoint());
+            }),
+        ];
+        for (name, pick) in cases {
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| b.iter(pick));
+        }
+    }
+    group.finish();
+}
+
 fn bench_retry(c: &mut Criterion) {
     let mut group = c.benchmark_group("retry_first_attempt_succeeds");
     let sets = sets(10);
@@ -243,6 +301,16 @@ fn bench_retry(c: &mut Criterion) {
     group.bench_function("retry_round_robin_live_outliers", |b| {
         b.iter(|| checked.call(endpoint).now_or_never())
     });
+    // Each attempt counted in flight (an endpointer that drains removed endpoints).
+    let instances = common::Instances::new((0..10).map(|i| i.to_string()));
+    let draining = Arc::new(sets._runtime.block_on(
+        instances.numbers_with(sd_core::EndpointerOptions::new().drain(Duration::from_secs(5))),
+    ));
+    let retry_draining = Retry::new(RoundRobin::new(draining), 3, Duration::from_secs(1))
+        .expect("valid retry settings");
+    group.bench_function("retry_round_robin_live_draining", |b| {
+        b.iter(|| retry_draining.call(endpoint).now_or_never())
+    });
     let retry_p2c = Retry::new(P2c::new(sets.live.clone()), 3, Duration::from_secs(1))
         .expect("valid retry settings");
     group.bench_function("retry_p2c_live", |b| {
@@ -257,6 +325,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = bench_picks, bench_weighted, bench_retry
+    targets = bench_picks, bench_weighted, bench_health, bench_retry
 }
 criterion_main!(benches);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::Instances;
 use futures::FutureExt;
-use sd_core::{Balancer, FixedEndpointer};
+use sd_core::{Balancer, Endpointer, FixedEndpointer};
 use sd_lb::{P2c, Random, Retry, RoundRobin};
 
 struct Counting;
@@ -146,6 +146,70 @@ fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     let checked = Retry::new(rr, 3, Duration::from_secs(1)).unwrap();
     let call = || {
         checked
+            .call(|e| async move { Ok::<_, String>(e) })
+            .now_or_never()
+    };
+    call();
+    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
+    assert_eq!((n, r), (0, 4500));
+}
+
+#[test]
+fn picks_past_ejected_and_warming_instances_allocate_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let instances = Instances::new((0..10).map(|i| i.to_string()));
+    let endpointer = std::sync::Arc::new(rt.block_on(instances.numbers()));
+    let outliers = std::sync::Arc::new(
+        sd_lb::Outliers::new()
+            .consecutive_failures(1)
+            .unwrap()
+            .slow_start(Duration::from_secs(30))
+            .unwrap(),
+    );
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    let random = Random::new(endpointer.clone()).with_outliers(outliers.clone());
+    let p2c = P2c::new(endpointer.clone()).with_outliers(outliers.clone());
+    rr.endpoint().unwrap();
+    // One instance ejected (its call failed), one warming (it joined after the first set).
+    let retry = Retry::new(&rr, 1, Duration::from_secs(1)).unwrap();
+    while outliers.ejected() == 0 {
+        let _ = retry
+            .call(|e| async move {
+                if e == 4 {
+                    Err("down")
+                } else {
+                    Ok(())
+                }
+            })
+            .now_or_never();
+    }
+    let before = endpointer.version();
+    instances.set((0..11).map(|i| i.to_string()));
+    rt.block_on(common::changed(&*endpointer, before));
+    rr.endpoint().unwrap();
+    assert_eq!((outliers.ejected(), outliers.warming()), (1, 1));
+    picks_allocate_nothing(&rr);
+    picks_allocate_nothing(&random);
+    picks_allocate_nothing(&p2c);
+}
+
+#[test]
+fn a_retry_over_a_draining_endpointer_allocates_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let instances = Instances::new((0..10).map(|i| i.to_string()));
+    let options = sd_core::EndpointerOptions::new().drain(Duration::from_secs(5));
+    let endpointer = rt.block_on(instances.numbers_with(options));
+    let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(1)).unwrap();
+    let call = || {
+        retry
             .call(|e| async move { Ok::<_, String>(e) })
             .now_or_never()
     };

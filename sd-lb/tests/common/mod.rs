@@ -48,11 +48,16 @@ impl Instances {
 
     /// A live endpointer of `u64` handles: each instance is a decimal number.
     pub async fn numbers(&self) -> DefaultEndpointer<u64> {
+        self.numbers_with(EndpointerOptions::new()).await
+    }
+
+    /// [`numbers`](Self::numbers) with `options`.
+    pub async fn numbers_with(&self, options: EndpointerOptions) -> DefaultEndpointer<u64> {
         let factory = |i: &Instance| -> Result<(u64, Option<Closer>), Error> {
             let n = i.parse::<u64>().map_err(|e| Error::factory(i, e))?;
             Ok((n, None))
         };
-        DefaultEndpointer::new(self, factory, EndpointerOptions::new()).await
+        DefaultEndpointer::new(self, factory, options).await
     }
 }
 
