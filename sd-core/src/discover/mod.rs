@@ -107,7 +107,7 @@ pub struct Discovery<S, F> {
     pending: VecDeque<Change<Instance, Closing<S>>>,
     state: watch::Sender<State>,
     /// The instancer, when the discovery owns it ([`discover_owning`]): stopped on drop.
-    _source: Option<Owned>,
+    source: Option<Owned>,
 }
 
 /// What a [`Discovery`] knows of its source, watched through [`Discovery::state`]: how many
@@ -216,7 +216,7 @@ where
         failed: BTreeSet::new(),
         pending: VecDeque::new(),
         state: watch::Sender::new(State::default()),
-        _source: None,
+        source: None,
     }
 }
 
@@ -240,7 +240,7 @@ where
     F: Factory<S>,
 {
     let mut discovery = discover(&instancer, factory);
-    discovery._source = Some(Owned::new(instancer));
+    discovery.source = Some(Owned::new(instancer));
     discovery
 }
 
@@ -253,7 +253,7 @@ impl<S, F> fmt::Debug for Discovery<S, F> {
             .field("instances", &self.current)
             .field("pending_changes", &self.pending.len())
             .field("state", &*self.state.borrow())
-            .field("owns_instancer", &self._source.is_some())
+            .field("owns_instancer", &self.source.is_some())
             .finish()
     }
 }
