@@ -48,7 +48,6 @@ where
     }
 }
 
-/// Runs a closer exactly once: when dropped.
 /// A factory from a closure whose types are inferred: no annotation on its argument or its
 /// result. The closure returns the endpoint and an optional closer, or an error.
 ///
@@ -102,17 +101,22 @@ where
     }
 }
 
-pub(crate) struct CloseGuard(Option<Closer>);
+/// Runs a closer exactly once: when dropped.
+///
+/// The mutex is never locked (only `get_mut` in `drop`): it makes the guard `Sync`, so it can be
+/// shared through an `Arc` by the tower adapter's services and their calls in flight.
+pub(crate) struct CloseGuard(std::sync::Mutex<Option<Closer>>);
 
 impl CloseGuard {
     pub(crate) fn new(closer: Option<Closer>) -> Self {
-        CloseGuard(closer)
+        CloseGuard(std::sync::Mutex::new(closer))
     }
 }
 
 impl Drop for CloseGuard {
     fn drop(&mut self) {
-        if let Some(close) = self.0.take() {
+        let closer = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(close) = closer.take() {
             close();
         }
     }

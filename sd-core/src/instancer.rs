@@ -80,6 +80,22 @@ impl<T: Instancer + ?Sized> Instancer for Box<T> {
     }
 }
 
+/// An instancer held by what it feeds (an endpointer, a tower discovery): stopped when the
+/// holder is dropped, even when the caller kept a handle to it too (an `Arc`).
+pub(crate) struct Owned(Box<dyn Instancer>);
+
+impl Owned {
+    pub(crate) fn new(instancer: impl Instancer + 'static) -> Self {
+        Owned(Box::new(instancer))
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// The latest-value broadcast behind an [`Instancer`]: backends publish, subscribers read.
 ///
 /// Built on `tokio::sync::watch`: publishing never waits for subscribers, each subscriber sees

@@ -37,6 +37,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balancer;
 mod endpointer;
@@ -49,12 +50,15 @@ mod instancer;
 mod registrar;
 
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
 #[cfg(feature = "tower")]
-mod discover;
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod discover;
 #[cfg(feature = "tower")]
-pub use discover::{discover, Discovery};
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub use discover::{discover, discover_owning, Discovery};
 
 pub use balancer::{Balancer, Tried};
 pub use endpointer::{

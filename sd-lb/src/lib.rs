@@ -16,6 +16,10 @@
 //! | [`Maglev`] | the endpoint of a request key (consistent hashing, optionally with bounded loads) | the endpoint `E`, or a [`Held`] guard |
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback, a [`RetryBudget`], backoff; retries avoid endpoints that failed in the call and report every outcome | the call's result |
 //!
+//! With feature `tower`, `tower::Balanced` makes any of them one `tower::Service` when its
+//! endpoints are services, and `tower::RetryService` does the same for [`Retry`] (module
+//! `tower`).
+//!
 //! [`RoundRobin`], [`Random`] and [`P2c`] take [`Outliers`] (`with_outliers`): passive health
 //! checking that ejects instances whose calls keep failing, slow start for instances that just
 //! joined (see [`outliers`]), and optional active health checks of your own
@@ -66,6 +70,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod checks;
 pub mod hash;
@@ -77,6 +82,9 @@ mod random;
 mod retry;
 mod round_robin;
 mod thread_cache;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 pub mod weighted;
 pub mod zone;
 

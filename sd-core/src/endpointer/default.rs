@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
 use crate::factory::{make_or_skip, CloseGuard};
+use crate::instancer::Owned;
 use crate::{
     Calls, Change, Endpointer, Error, Event, EventStream, Factory, Instance, InstanceSet,
     Instancer, Slots, Snapshot,
@@ -145,7 +146,7 @@ pub struct DefaultEndpointer<E> {
     shared: Arc<Shared<E>>,
     task: Option<JoinHandle<()>>,
     /// The instancer, when the endpointer owns it ([`DefaultEndpointer::owning`]).
-    source: Option<Box<dyn Instancer>>,
+    source: Option<Owned>,
 }
 
 impl<E> fmt::Debug for DefaultEndpointer<E> {
@@ -401,7 +402,7 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
         F: Factory<E>,
     {
         let mut endpointer = Self::new(&instancer, factory, options).await;
-        endpointer.source = Some(Box::new(instancer));
+        endpointer.source = Some(Owned::new(instancer));
         endpointer
     }
 }
@@ -463,9 +464,8 @@ impl<E> Drop for DefaultEndpointer<E> {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        if let Some(source) = self.source.take() {
-            source.stop();
-        }
+        // Stops an owned instancer.
+        drop(self.source.take());
         // Close every endpoint now rather than whenever the aborted task is dropped.
         let mut cache = self.shared.lock();
         cache.closed = true;
