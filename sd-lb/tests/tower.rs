@@ -338,3 +338,44 @@ async fn a_maglev_pick_is_a_service_that_counts_against_the_bound_while_held() {
         "released: the key's own server again"
     );
 }
+
+/// With a draining endpointer, a removed server's client is closed only after the call
+/// `Balanced` made through it has answered.
+#[tokio::test]
+async fn a_draining_endpointer_closes_only_after_the_tower_call() {
+    let hold = Arc::new(Semaphore::new(0));
+    let server = Server::start_holding("a", Some(hold.clone())).await;
+    let instances = Instances::new([server.addr.to_string()]);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let make = {
+        let closed = closed.clone();
+        factory(move |i| {
+            let addr: SocketAddr = i.parse().map_err(|e| Error::factory(i, e))?;
+            let closed = closed.clone();
+            let closer: sd_core::Closer = Box::new(move || {
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+            Ok((client(addr), Some(closer)))
+        })
+    };
+    let options = EndpointerOptions::new().drain(Duration::from_secs(30));
+    let endpointer = Arc::new(DefaultEndpointer::new(&instances, make, options).await);
+    let mut svc = Balanced::new(RoundRobin::new(endpointer.clone()));
+    let call = tokio::spawn(svc.ready().await.expect("ready").call("x".to_string()));
+    until("the call reached the server", || server.accepted() == 1).await;
+
+    let before = sd_core::Endpointer::version(&*endpointer);
+    instances.set(Vec::<String>::new());
+    common::changed(&*endpointer, before).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(closed.load(Ordering::SeqCst), 0, "closed under the call");
+
+    hold.add_permits(1);
+    let reply = call.await.expect("task").expect("answered");
+    assert_eq!(answered_by(&reply, "x"), "a");
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        1,
+        "closed once the call answered"
+    );
+}
