@@ -72,7 +72,7 @@ pub fn check_duration(flag: &str, value: Duration) -> Result<(), String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated: http://HOST:PORT or https://HOST:PORT (IPv6 addresses
-    /// in brackets, e.g. http://[::1]:2379).
+    /// in brackets, e.g. `http://[::1]:2379`).
     #[arg(
         long = "etcd",
         env = "ETCD_ENDPOINTS",

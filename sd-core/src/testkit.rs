@@ -3,8 +3,8 @@
 //! A backend's tests implement [`Harness`] (how to get a registrar and an instancer, how to break
 //! and heal the store) and expand [`conformance_tests!`](crate::conformance_tests), which writes
 //! one `#[tokio::test]` per case. Each case is named after the rule of the
-//! [`Registrar`](crate::Registrar) or [`Instancer`](crate::Instancer) contract it checks, and a
-//! broken rule fails with `conformance rule `<name>` violated: ...` and what the store and the
+//! [`Registrar`] or [`Instancer`] contract it checks, and a
+//! broken rule fails with ``conformance rule `<name>` violated: ...`` and what the store and the
 //! stream held. Cases run in real time with the TTL the harness chooses, so the same kit runs
 //! against an in-process store and a real etcd. Each case works under its own fresh prefix and
 //! builds its own harness (the macro calls the harness expression once per case): a harness whose
@@ -549,7 +549,7 @@ pub fn violated(rule: &str, details: impl std::fmt::Display) -> ! {
 
 /// Runs one case and makes any failure of it name `rule`: a panic that does not already say
 /// which rule it broke (a failed wait, a failed call) is raised again as
-/// `conformance rule `<rule>` violated: <message>`. [`conformance_tests!`](crate::conformance_tests)
+/// ``conformance rule `<rule>` violated: <message>``. [`conformance_tests!`](crate::conformance_tests)
 /// runs every case through it.
 ///
 /// ```

@@ -1,8 +1,9 @@
 //! Developer tasks for the sd workspace: `cargo xtask <task>`.
 //!
-//! - `ci`: what CI runs: formatting check, clippy with `-D warnings`, every test of the workspace
-//!   (etcd integration tests included: `etcd` must be on `PATH`; as root it is installed with
-//!   apt-get when missing).
+//! - `ci`: what CI runs: formatting check, clippy with `-D warnings`, the libraries' docs with
+//!   `-D warnings`, a build of the libraries on their declared `rust-version`, every test of the
+//!   workspace (etcd integration tests included: `etcd` must be on `PATH`; as root it is
+//!   installed with apt-get when missing).
 //! - `bench`: the criterion benchmarks.
 //! - `etcd [--nodes N]`: a local etcd on loopback for trying the examples, until Ctrl-C.
 
@@ -35,7 +36,7 @@ fn usage() {
     println!(
         "usage: cargo xtask <task>\n\n\
          tasks:\n  \
-         ci                 fmt check, clippy -D warnings, all tests (installs etcd as root if missing)\n  \
+         ci                 fmt check, clippy -D warnings, docs, rust-version build, all tests\n                            (installs etcd, Go and the rust-version toolchain as root if missing)\n  \
          bench [ARGS]       cargo bench --workspace [ARGS]\n  \
          etcd [--nodes N]   run a local etcd (1 or 3 nodes) on 127.0.0.1 until Ctrl-C"
     );
@@ -146,11 +147,76 @@ fn ci() -> Result<(), String> {
         "warnings",
     ]);
     run(clippy)?;
+    let mut doc = cargo();
+    doc.args([
+        "doc",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--all-features",
+        "--no-deps",
+        "--lib",
+    ])
+    .env("RUSTDOCFLAGS", "-D warnings");
+    run(doc)?;
+    msrv()?;
     let mut test = cargo();
     // Benchmarks are built (to keep them compiling) by clippy above, not run here.
     test.args(["test", "--workspace", "--all-features", "--no-fail-fast"]);
     run(test)?;
     Ok(())
+}
+
+/// The libraries' declared `rust-version` (the workspace's), which this checks they build with.
+const MSRV: &str = "1.88";
+
+/// Builds the libraries, every feature on, with the toolchain of their `rust-version`
+/// (installed with rustup when missing; skipped with a warning where it cannot be), in a target
+/// directory of its own.
+fn msrv() -> Result<(), String> {
+    let toolchain = format!("+{MSRV}");
+    let installed = Command::new("rustc")
+        .arg(&toolchain)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !installed {
+        let mut install = Command::new("rustup");
+        install.args(["toolchain", "install", MSRV, "--profile", "minimal"]);
+        if let Err(e) = run(install) {
+            // Not every machine can download a toolchain: say so loudly rather than fail the
+            // tests over it.
+            eprintln!(
+                "xtask: WARNING: rust-version check SKIPPED: Rust {MSRV} could not be installed \
+                 ({e}); run `rustup toolchain install {MSRV}` and `cargo xtask ci` again to check it"
+            );
+            return Ok(());
+        }
+    }
+    let mut check = Command::new("cargo");
+    check
+        .current_dir(root())
+        .arg(&toolchain)
+        .args([
+            "check",
+            "--package",
+            "sd-core",
+            "--package",
+            "sd-lb",
+            "--package",
+            "sd-memory",
+            "--package",
+            "sd-etcd",
+            "--all-features",
+            "--lib",
+        ])
+        .env("CARGO_TARGET_DIR", root().join("target").join("msrv"))
+        // The outer cargo's variables name its own toolchain.
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(check)
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
