@@ -1,5 +1,5 @@
 //! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`,
-//! and the checks every duration flag goes through.
+//! the checks every duration flag goes through, and how an instance is printed.
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]
@@ -235,6 +235,24 @@ impl EtcdArgs {
         }
         let options = self.client_options(env_password)?;
         EtcdClient::connect(self.endpoints.iter().map(String::as_str), options).await
+    }
+}
+
+/// An instance as the programs print it: its address, then what its metadata says, if it says
+/// anything (see [`sd_core::Metadata::summary`]).
+///
+/// ```
+/// use sd_core::{Instance, Metadata, ValueFormat};
+///
+/// assert_eq!(examples::describe(&Instance::new("127.0.0.1:9000")), "127.0.0.1:9000");
+/// let meta = Metadata::new().with_weight(3).unwrap().with_zone("z1");
+/// let i = Instance::with_metadata("127.0.0.1:9001", meta, ValueFormat::Json).unwrap();
+/// assert_eq!(examples::describe(&i), "127.0.0.1:9001 weight=3 zone=z1");
+/// ```
+pub fn describe(i: &sd_core::Instance) -> String {
+    match i.metadata().summary() {
+        s if s.is_empty() => i.addr().to_string(),
+        s => format!("{} {s}", i.addr()),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,7 @@ pub struct EtcdInstancer {
     publisher: Arc<Publisher>,
     task: JoinHandle<()>,
     invalid: Arc<AtomicU64>,
+    revision: Arc<AtomicI64>,
 }
 
 impl fmt::Debug for EtcdInstancer {
@@ -54,6 +55,7 @@ impl fmt::Debug for EtcdInstancer {
         f.debug_struct("EtcdInstancer")
             .field("prefix", &self.prefix)
             .field("current", &self.publisher.current())
+            .field("revision", &self.revision())
             .finish()
     }
 }
@@ -78,6 +80,7 @@ impl EtcdInstancer {
         let invalid = state.invalid.clone();
         state.replace(kvs, &prefix);
         let publisher = Arc::new(Publisher::new(state.event()));
+        let revision = Arc::new(AtomicI64::new(header.revision));
         let watcher = Watcher {
             client,
             prefix: prefix.clone(),
@@ -85,6 +88,7 @@ impl EtcdInstancer {
             rev: header.revision,
             store: header,
             publisher: publisher.clone(),
+            published_revision: revision.clone(),
             errored: false,
         };
         let task = tokio::spawn(watcher.run());
@@ -93,6 +97,7 @@ impl EtcdInstancer {
             publisher,
             task,
             invalid,
+            revision,
         })
     }
 
@@ -107,6 +112,36 @@ impl EtcdInstancer {
     /// ```
     pub fn invalid_values(&self) -> u64 {
         self.invalid.load(Ordering::Relaxed)
+    }
+
+    /// The etcd revision of the state last published: the revision of the change (or of the
+    /// read) that made the instance set what subscribers were last sent. It is the revision the
+    /// initial read answered with until the set first changes; changes that leave the set as it
+    /// was (a key put again with its value) and error events do not move it.
+    ///
+    /// It is stored before the state is sent, so a subscriber that has just received a state
+    /// reads at least that state's revision; it reads a later one only when a newer state is
+    /// already on its way (the stream yields it next). Reading it is one atomic load; keeping
+    /// it costs one atomic store per published state, nothing per watched key or event.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use sd_core::{Event, Instancer};
+    /// use sd_etcd::{ClientOptions, EtcdClient, EtcdInstancer};
+    ///
+    /// # async fn run() -> Result<(), sd_etcd::Error> {
+    /// let client = EtcdClient::connect(["http://127.0.0.1:2379"], ClientOptions::new()).await?;
+    /// let instancer = EtcdInstancer::new(client, "/services/barsvc/").await?;
+    /// let mut events = instancer.subscribe();
+    /// while let Some(event) = events.next().await {
+    ///     if let Event::Instances(set) = event {
+    ///         println!("{} instances at revision {}", set.len(), instancer.revision());
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
     }
 
     /// The watched prefix.
@@ -258,6 +293,8 @@ struct Watcher<C> {
     /// answered with.
     store: Header,
     publisher: Arc<Publisher>,
+    /// What [`EtcdInstancer::revision`] reads: `rev` as of the last published state.
+    published_revision: Arc<AtomicI64>,
     /// Whether the last thing published was an error.
     errored: bool,
 }
@@ -275,6 +312,8 @@ enum Ended {
 impl<C: Client> Watcher<C> {
     fn publish(&mut self) {
         if self.state.dirty || self.errored {
+            // Before the state goes out: whoever receives it must read at least its revision.
+            self.published_revision.store(self.rev, Ordering::Release);
             self.publisher.publish(self.state.event());
         }
         self.errored = false;
@@ -562,6 +601,64 @@ mod tests {
         mock.expect_get_prefix()
             .returning(|_| Err(Error::Watch("down".into())));
         assert!(EtcdInstancer::new(mock, "/svc/").await.is_err());
+    }
+
+    /// `revision()` is the read's revision, then that of each change that made the published
+    /// set; a put that leaves the set as it was does not move it; a re-read sets it to the
+    /// read's revision.
+    #[tokio::test]
+    async fn revision_is_that_of_the_last_published_state() {
+        let mut mock = MockClient::new();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let r = reads.clone();
+        mock.expect_get_prefix().returning(move |_| {
+            if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                Ok((vec![kv("/svc/a", "a:1", 3)], hdr(10)))
+            } else {
+                Ok((
+                    vec![kv("/svc/b", "b:1", 11), kv("/svc/c", "c:1", 30)],
+                    hdr(40),
+                ))
+            }
+        });
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let first = Mutex::new(Some(rx));
+        mock.expect_watch_prefix().returning(move |_, _| {
+            Ok(match first.lock().unwrap().take() {
+                Some(rx) => rx.boxed(),
+                None => stream_of(vec![]),
+            })
+        });
+        let inst = EtcdInstancer::new(mock, "/svc/").await.unwrap();
+        let mut s = inst.subscribe();
+        assert_eq!(s.next().await, Some(Event::from_instances(["a:1"])));
+        assert_eq!(inst.revision(), 10, "the read's revision");
+
+        tx.unbounded_send(events(vec![put("/svc/b", "b:1", 11)], 11))
+            .unwrap();
+        wait_for(&mut s, Event::from_instances(["a:1", "b:1"])).await;
+        assert_eq!(inst.revision(), 11);
+
+        // A second key with a value already there: the set is unchanged.
+        tx.unbounded_send(events(vec![put("/svc/b2", "b:1", 12)], 12))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inst.revision(), 11, "nothing new was published");
+
+        tx.unbounded_send(events(vec![del("/svc/a", 13)], 13))
+            .unwrap();
+        wait_for(&mut s, Event::from_instances(["b:1"])).await;
+        assert_eq!(inst.revision(), 13);
+
+        tx.unbounded_send(Ok(WatchBatch {
+            canceled: true,
+            compact_revision: 20,
+            ..Default::default()
+        }))
+        .unwrap();
+        wait_for(&mut s, Event::from_instances(["b:1", "c:1"])).await;
+        assert_eq!(inst.revision(), 40, "the re-read's revision");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

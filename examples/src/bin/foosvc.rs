@@ -94,14 +94,6 @@ impl sd_core::Balancer for Pick {
     }
 }
 
-/// An instance as printed: its address, and what its metadata says (if anything).
-fn describe(i: &Instance) -> String {
-    match i.metadata().summary() {
-        s if s.is_empty() => i.addr().to_string(),
-        s => format!("{} {s}", i.addr()),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     examples::init_logging("warn");
@@ -211,7 +203,7 @@ async fn serve(
             _ = &mut deadline => { println!("--run-for elapsed: shutting down"); break; }
             change = changes.next() => match change {
                 Some(Event::Instances(set)) => {
-                    println!("barsvc instances: {:?}", set.iter().map(describe).collect::<Vec<_>>())
+                    println!("barsvc instances: {:?}", set.iter().map(examples::describe).collect::<Vec<_>>())
                 }
                 Some(Event::Error(e)) => println!("barsvc discovery error: {}", sd_core::Report(&e)),
                 None => break,
