@@ -37,6 +37,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balancer;
 mod endpointer;
@@ -47,6 +48,12 @@ mod instance;
 pub mod instance_set;
 mod instancer;
 mod registrar;
+
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

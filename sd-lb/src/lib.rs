@@ -16,6 +16,9 @@
 //! | [`Maglev`] | the endpoint of a request key (consistent hashing, optionally with bounded loads) | the endpoint `E`, or a [`Held`] guard |
 //! | [`Retry`] | wraps any balancer: attempts, one deadline, a callback, a [`RetryBudget`], backoff; retries avoid endpoints that failed in the call and report every outcome | the call's result |
 //!
+//! Feature `metrics` counts what goes wrong (picks with no endpoint, retries and why they stop,
+//! ejections) through the `metrics` facade: see the module `metrics` for the table.
+//!
 //! [`RoundRobin`], [`Random`] and [`P2c`] take [`Outliers`] (`with_outliers`): passive health
 //! checking that ejects instances whose calls keep failing (see [`outliers`]).
 //!
@@ -62,8 +65,14 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod hash;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 pub mod outliers;
 pub mod p2c;
 mod per_snapshot;

@@ -25,6 +25,7 @@ use std::time::Duration;
 use sd_core::{Error, Instance, Snapshot, Tried};
 use tokio::time::Instant;
 
+use crate::metrics::{EjectedBy, EjectedGauge, OutlierMetrics};
 use crate::per_snapshot::PerSnapshot;
 
 /// Outlier detection settings and the state of every instance it follows (see the
@@ -56,6 +57,7 @@ pub struct Outliers {
     rate: Option<(u64, u64)>,
     /// The size of the last set a table was built for (the cap's base for direct reports).
     last_n: AtomicUsize,
+    metrics: OutlierMetrics,
 }
 
 type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
@@ -92,6 +94,7 @@ pub(crate) struct Host {
     until: AtomicU64,
     times: AtomicU32,
     ejected: Arc<AtomicUsize>,
+    ejected_gauge: EjectedGauge,
     instance: Instance,
 }
 
@@ -100,6 +103,7 @@ impl Drop for Host {
         // An instance that leaves the set while ejected no longer counts against the cap.
         if self.until.load(Ordering::Relaxed) != 0 {
             self.ejected.fetch_sub(1, Ordering::Relaxed);
+            self.ejected_gauge.add(-1.0);
         }
     }
 }
@@ -118,6 +122,7 @@ impl Default for Outliers {
             listener: None,
             rate: None,
             last_n: AtomicUsize::new(0),
+            metrics: OutlierMetrics::new(),
         }
     }
 }
@@ -312,6 +317,7 @@ impl Outliers {
                                 until: AtomicU64::new(0),
                                 times: AtomicU32::new(0),
                                 ejected: self.ejected.clone(),
+                                ejected_gauge: self.metrics.gauge(),
                                 instance: instance.clone(),
                             });
                             known.insert(key, Arc::downgrade(&host));
@@ -357,25 +363,28 @@ impl Outliers {
             }
             if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
                 self.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.restored();
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
             }
             if too_often {
-                self.try_eject(host, n, "too many of its calls failed");
+                self.try_eject(host, n, EjectedBy::Rate);
             }
             return;
         }
         if ejected {
             // The probe (or a call from before the ejection) failed: eject again, longer.
             let (times, duration) = self.eject_for(host);
+            self.metrics.ejected(EjectedBy::Probe, false);
+            tracing::debug!(instance = %host.instance, times, "ejected again: the probe failed");
             self.tell(host, HealthChange::Ejected { times, duration });
             return;
         }
         let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= self.consecutive {
-            self.try_eject(host, n, "too many failures in a row");
+            self.try_eject(host, n, EjectedBy::Consecutive);
         } else if too_often {
-            self.try_eject(host, n, "too many of its calls failed");
+            self.try_eject(host, n, EjectedBy::Rate);
         }
     }
 
@@ -400,9 +409,9 @@ impl Outliers {
         calls >= window && failures * 100 >= percent * calls
     }
 
-    /// Ejects `host` for `why`, unless that would put more than `max_ejection_percent` of the
-    /// `n` instances out at once.
-    fn try_eject(&self, host: &Host, n: usize, why: &str) {
+    /// Ejects `host` for what `by` saw, unless that would put more than `max_ejection_percent`
+    /// of the `n` instances out at once.
+    fn try_eject(&self, host: &Host, n: usize, by: EjectedBy) {
         let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
         if self
             .ejected
@@ -416,6 +425,11 @@ impl Outliers {
         host.fails.store(0, Ordering::Relaxed);
         host.window.store(0, Ordering::Relaxed);
         let (times, duration) = self.eject_for(host);
+        self.metrics.ejected(by, true);
+        let why = match by {
+            EjectedBy::Rate => "too many of its calls failed",
+            _ => "too many failures in a row",
+        };
         tracing::warn!(instance = %host.instance, times, "ejected: {why}");
         self.tell(host, HealthChange::Ejected { times, duration });
     }

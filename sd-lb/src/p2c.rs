@@ -424,7 +424,7 @@ where
             |endpoints, snapshot, local| {
                 let n = endpoints.len().min(local.loads.len());
                 if n == 0 {
-                    return Err(snapshot.no_endpoints());
+                    return Err(crate::metrics::no_endpoint(snapshot));
                 }
                 let i = self.admitted(local, n);
                 guard_at(endpoints, &local.loads, snapshot, i)
@@ -438,7 +438,7 @@ where
         self.with(|endpoints, snapshot, local| {
             let n = endpoints.len().min(local.loads.len());
             if n == 0 {
-                return Err(snapshot.no_endpoints());
+                return Err(crate::metrics::no_endpoint(snapshot));
             }
             let i = self.admitted(local, n);
             let i = crate::pick::avoiding(tried, snapshot.version(), i, n);
@@ -531,7 +531,7 @@ fn guard_at<E: Clone>(
             // This clone is the request in flight.
             load: counter.load.clone(),
         }),
-        _ => Err(snapshot.no_endpoints()),
+        _ => Err(crate::metrics::no_endpoint(snapshot)),
     }
 }
 
