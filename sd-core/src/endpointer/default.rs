@@ -316,7 +316,7 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
         // At ERROR level, so a filter that lets warnings through keeps the span that says which
         // endpointer warned.
         let span = match options.endpointer_name() {
-            Some(name) => tracing::error_span!("sd_endpointer", name),
+            Some(name) => tracing::error_span!("sd_endpointer", name = %name),
             None => tracing::error_span!("sd_endpointer"),
         };
         let mut follower = Follower {
