@@ -6,6 +6,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -254,6 +255,28 @@ pub fn describe(i: &sd_core::Instance) -> String {
         s if s.is_empty() => i.addr().to_string(),
         s => format!("{} {s}", i.addr()),
     }
+}
+
+/// Serves the metrics the program records (sd's included: the examples build `sd-core`, `sd-etcd`
+/// and `sd-lb` with their feature `metrics`) as Prometheus text at `http://ADDR/metrics`, from
+/// a task on the current tokio runtime. Call it before making instancers, registrars and
+/// balancers: they register their metrics with the recorder installed when they are made.
+///
+/// Fails, naming the address and why, when it cannot listen there (in use, not an address of
+/// this host) or when a recorder is installed already.
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() {
+/// examples::serve_metrics("127.0.0.1:9100".parse().unwrap()).unwrap();
+/// // curl http://127.0.0.1:9100/metrics
+/// # }
+/// ```
+pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| format!("--metrics-addr {addr}: cannot serve metrics there: {e}"))
 }
 
 /// Logs to stderr, at the level `RUST_LOG` asks for (default: `default`).

@@ -523,3 +523,147 @@ async fn foosvc_logs_in_with_etcd_user_and_etcd_password() {
         &["the etcd user \"root\"", "has no password", "ETCD_PASSWORD"],
     );
 }
+
+/// `GET /metrics` over a plain TCP connection, as Prometheus scrapes: the body of a `200`
+/// answer, or why there was none.
+fn scrape(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not HTTP: {answer}"))?;
+    if !head.starts_with("HTTP/1.1 200") || !head.to_ascii_lowercase().contains("text/plain") {
+        return Err(format!("not a 200 with Prometheus text: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+/// The value of the sample `series` (a name with its labels, as Prometheus prints them).
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Scrapes until `series` satisfies `want`; panics with the last scrape after 20 s.
+fn wait_for_sample(port: u16, series: &str, want: impl Fn(f64) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = scrape(port);
+        if let Ok(text) = &body {
+            if sample(text, series).is_some_and(&want) {
+                return text.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never as expected; last scrape: {body:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// foosvc's `--metrics-addr`, scraped over HTTP: the barsvc instances and endpoints it sees,
+/// the changes it applied, and, once etcd is killed, its discovery errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_serves_its_metrics_over_http() {
+    let mut etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    let mut raw = etcd.raw_client().await;
+    for port in [9401, 9402] {
+        let addr = format!("127.0.0.1:{port}");
+        raw.put(format!("/services/barsvc/{addr}"), addr, None)
+            .await
+            .expect("put barsvc");
+    }
+    let port = sd_etcd::testing::free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut foo = Program::start(&[
+        "--etcd",
+        &endpoint,
+        "--instance",
+        "127.0.0.1:9203",
+        "--metrics-addr",
+        &metrics_addr,
+        "--call-every",
+        "100ms",
+    ]);
+    foo.expect_line(&format!("metrics at http://{metrics_addr}/metrics"));
+    foo.expect_line("registered /services/foosvc/127.0.0.1:9203");
+    let instances = r#"sd_instances{prefix="/services/barsvc/"}"#;
+    let body = wait_for_sample(port, instances, |v| v == 2.0);
+    assert_eq!(
+        sample(&body, r#"sd_endpoints{endpointer="barsvc"}"#),
+        Some(2.0),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE sd_instances gauge"), "{body}");
+
+    raw.put("/services/barsvc/127.0.0.1:9403", "127.0.0.1:9403", None)
+        .await
+        .expect("put barsvc");
+    let body = wait_for_sample(port, instances, |v| v == 3.0);
+    assert_eq!(
+        sample(
+            &body,
+            r#"sd_changes_applied_total{prefix="/services/barsvc/"}"#
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    foo.expect_line("call: barsvc at 127.0.0.1:9403 answered");
+
+    let errors = r#"sd_discovery_errors_total{prefix="/services/barsvc/"}"#;
+    let before = sample(&scrape(port).expect("scrape"), errors).unwrap_or(0.0);
+    assert_eq!(before, 0.0, "no discovery error while etcd is up");
+    etcd.kill();
+    let body = wait_for_sample(port, errors, |v| v >= 1.0);
+    // The instances it knew are still served while discovery fails.
+    assert_eq!(sample(&body, instances), Some(3.0), "{body}");
+    assert_eq!(
+        sample(&body, r#"sd_endpoints{endpointer="barsvc"}"#),
+        Some(3.0),
+        "{body}"
+    );
+}
+
+/// A `--metrics-addr` something else listens on is refused, naming it, before anything is
+/// registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_refuses_a_busy_metrics_address_before_registering() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = busy.local_addr().expect("local address").to_string();
+    let out = run_foosvc(
+        &[
+            "--etcd",
+            &endpoint,
+            "--instance",
+            "127.0.0.1:9204",
+            "--metrics-addr",
+            &addr,
+        ],
+        &[],
+    )
+    .await;
+    assert_refused(
+        &out,
+        &[
+            &format!("--metrics-addr {addr}: cannot serve metrics there"),
+            "in use",
+        ],
+    );
+    assert!(foosvc_keys(&etcd).await.is_empty());
+}

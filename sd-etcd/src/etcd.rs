@@ -22,6 +22,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 use tokio::time::{timeout, Instant};
+use tracing::Instrument;
 
 use crate::error::{is_auth, is_lease_not_found, is_retryable_etcd, is_token_message};
 use crate::{
@@ -259,19 +260,20 @@ impl EtcdClient {
         };
         inner.pinned.store(first, Ordering::Relaxed);
         for (i, e) in reasons {
-            tracing::warn!(endpoint = %inner.nodes[i].url, error = %sd_core::Report(&e), "etcd endpoint down at connect");
-            inner.mark_dead(i);
+            inner.mark_dead_for(i, &e);
         }
         if !probes.is_empty() {
             let weak = Arc::downgrade(&inner);
-            tokio::spawn(async move {
-                while let Some((i, r)) = probes.next().await {
-                    if let (Err(e), Some(inner)) = (r, weak.upgrade()) {
-                        tracing::warn!(endpoint = %inner.nodes[i].url, error = %sd_core::Report(&e), "etcd endpoint down at connect");
-                        inner.mark_dead(i);
+            tokio::spawn(
+                async move {
+                    while let Some((i, r)) = probes.next().await {
+                        if let (Err(e), Some(inner)) = (r, weak.upgrade()) {
+                            inner.mark_dead_for(i, &e);
+                        }
                     }
                 }
-            });
+                .instrument(tracing::error_span!("etcd_connect_probes")),
+            );
         }
         Ok(EtcdClient { inner })
     }
@@ -443,6 +445,15 @@ impl Inner {
 
     /// Takes endpoint `i` out of rotation and probes it in the background until it answers.
     fn mark_dead(self: &Arc<Self>, i: usize) {
+        self.take_out(i, None);
+    }
+
+    /// [`mark_dead`](Self::mark_dead), saying why in its warning.
+    fn mark_dead_for(self: &Arc<Self>, i: usize, why: &Error) {
+        self.take_out(i, Some(why));
+    }
+
+    fn take_out(self: &Arc<Self>, i: usize, why: Option<&Error>) {
         if self.nodes.len() < 2 {
             return;
         }
@@ -461,21 +472,28 @@ impl Inner {
             node.probing.store(false, Ordering::Release);
             return;
         };
-        tracing::info!(endpoint = %node.url, "etcd endpoint taken out of rotation");
+        let span = tracing::error_span!("etcd_endpoint_probe", endpoint = %node.url);
+        span.in_scope(|| match why {
+            Some(e) => tracing::warn!(error = %sd_core::Report(e), "etcd endpoint down: out of rotation, probing it until it answers"),
+            None => tracing::warn!("etcd endpoint taken out of rotation: probing it until it answers"),
+        });
         let weak: Weak<Inner> = Arc::downgrade(self);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(PROBE_INTERVAL).await;
-                let Some(inner) = weak.upgrade() else { return };
-                if inner.probe(i).await.is_ok() {
-                    let node = &inner.nodes[i];
-                    node.dead.store(false, Ordering::Relaxed);
-                    node.probing.store(false, Ordering::Release);
-                    tracing::info!(endpoint = %node.url, "etcd endpoint back in rotation");
-                    return;
+        rt.spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.probe(i).await.is_ok() {
+                        let node = &inner.nodes[i];
+                        node.dead.store(false, Ordering::Relaxed);
+                        node.probing.store(false, Ordering::Release);
+                        tracing::info!("etcd endpoint back in rotation");
+                        return;
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// One `status()` round trip to endpoint `i`, within the dial timeout.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use sd_core::{Event, EventStream, Instance, InstanceSet, Publisher};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
+use crate::metrics::InstancerMetrics;
 use crate::{Client, Error, Header, KeyValue, WatchBatch, WatchEvent};
 
 /// The longest pause between two reconnect or re-read attempts.
@@ -27,6 +29,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// the prefix and *replaces* the state; a watch canceled for another reason (an expired auth
 /// token) is re-opened. Subscribers get an error event only when a reconnect or re-read attempt
 /// fails, and the instance set again once it succeeds.
+///
+/// Its task logs in a span `etcd_instancer{prefix}`: an outage is one warning when the first
+/// attempt to re-open the watch fails (the following ones at `debug`) and one `info` line, `etcd
+/// watch recovered`, when it is over; a quiet watch logs nothing at `info`.
 ///
 /// ```no_run
 /// use futures::StreamExt;
@@ -79,6 +85,8 @@ impl EtcdInstancer {
         let mut state = State::default();
         let invalid = state.invalid.clone();
         state.replace(kvs, &prefix);
+        let metrics = InstancerMetrics::new(&prefix);
+        metrics.instances(state.set.len());
         let publisher = Arc::new(Publisher::new(state.event()));
         let revision = Arc::new(AtomicI64::new(header.revision));
         let watcher = Watcher {
@@ -90,8 +98,11 @@ impl EtcdInstancer {
             publisher: publisher.clone(),
             published_revision: revision.clone(),
             errored: false,
+            metrics,
         };
-        let task = tokio::spawn(watcher.run());
+        // At ERROR level, so a filter that lets warnings through keeps the prefix they are about.
+        let span = tracing::error_span!("etcd_instancer", prefix = %prefix);
+        let task = tokio::spawn(watcher.run().instrument(span));
         Ok(EtcdInstancer {
             prefix,
             publisher,
@@ -297,6 +308,7 @@ struct Watcher<C> {
     published_revision: Arc<AtomicI64>,
     /// Whether the last thing published was an error.
     errored: bool,
+    metrics: InstancerMetrics,
 }
 
 /// Why a watch ended.
@@ -311,16 +323,26 @@ enum Ended {
 
 impl<C: Client> Watcher<C> {
     fn publish(&mut self) {
+        if self.errored {
+            tracing::info!(instances = self.state.set.len(), "etcd watch recovered");
+        }
         if self.state.dirty || self.errored {
             // Before the state goes out: whoever receives it must read at least its revision.
             self.published_revision.store(self.rev, Ordering::Release);
+            self.metrics.instances(self.state.set.len());
             self.publisher.publish(self.state.event());
         }
         self.errored = false;
     }
 
     fn publish_error(&mut self, e: Error) {
-        tracing::warn!(prefix = %self.prefix, error = %sd_core::Report(&e), "etcd watch attempt failed");
+        // One warning per outage; the attempts after the first fail the same way.
+        if self.errored {
+            tracing::debug!(error = %sd_core::Report(&e), "etcd watch attempt failed again");
+        } else {
+            tracing::warn!(error = %sd_core::Report(&e), "etcd watch failed; retrying with backoff");
+        }
+        self.metrics.error();
         self.publisher.publish(Event::Error(e.into()));
         self.errored = true;
     }
@@ -371,22 +393,26 @@ impl<C: Client> Watcher<C> {
     fn apply(&mut self, batch: WatchBatch) {
         let base = self.rev;
         let mut last = base;
+        let mut applied = 0;
         for ev in batch.events {
             if ev.mod_revision() <= base {
                 continue;
             }
+            applied += 1;
             last = last.max(ev.mod_revision());
             match ev {
                 WatchEvent::Put { key, value, .. } => self.state.put(key, &value, &self.prefix),
                 WatchEvent::Delete { key, .. } => self.state.delete(&key),
             }
         }
+        self.metrics.applied(applied);
         self.rev = last;
     }
 
     async fn reread(&mut self) -> Result<(), Error> {
         let (kvs, header) = self.client.get_prefix(&self.prefix).await?;
         self.state.replace(kvs, &self.prefix);
+        self.metrics.applied(1);
         self.rev = header.revision;
         self.store = header;
         self.publish();
@@ -409,7 +435,6 @@ impl<C: Client> Watcher<C> {
                     Ok(b) if b.canceled => {
                         if b.compact_revision > 0 {
                             tracing::info!(
-                                prefix = %self.prefix,
                                 compact_revision = b.compact_revision,
                                 "watch revision compacted; re-reading the prefix"
                             );
@@ -428,7 +453,6 @@ impl<C: Client> Watcher<C> {
                     Ok(b) => {
                         if let Some(why) = self.other_store(&b.header) {
                             tracing::warn!(
-                                prefix = %self.prefix,
                                 %why,
                                 "etcd is another store than the one read (restored from a backup, \
                                  or wiped): re-reading the prefix and replacing the instances"
@@ -442,7 +466,7 @@ impl<C: Client> Watcher<C> {
                         self.apply(b);
                     }
                     Err(e) => {
-                        tracing::debug!(prefix = %self.prefix, error = %sd_core::Report(&e), "watch stream broke");
+                        tracing::debug!(error = %sd_core::Report(&e), "watch stream broke");
                         ended = Some(Ended::Failed(e));
                         break;
                     }

@@ -15,6 +15,12 @@
 //!   against (so their logic is unit-tested with a mock).
 //! - [`EtcdRegistrar`], [`EtcdInstancer`]: `sd_core::Registrar` and `sd_core::Instancer`.
 //!
+//! Feature `metrics` records what the instancers and registrars go through (instances, changes,
+//! errors, lost leases) through the `metrics` facade: see the module `metrics` for the
+//! table. Every background task logs in a span naming what it serves (`etcd_instancer{prefix}`,
+//! `etcd_lease_pool{ttl_secs, heartbeat, lease}`, `etcd_endpoint_probe{endpoint}`, ...), so with
+//! many prefixes the log says which one is failing.
+//!
 //! Feature `testing` adds the module `testing`: throwaway etcd servers and clusters on
 //! loopback (with TLS or auth), and a TCP proxy that cuts connections, as used by this crate's
 //! tests and `cargo xtask etcd`.
@@ -42,6 +48,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod error;
@@ -49,6 +56,12 @@ mod etcd;
 mod instancer;
 mod options;
 mod registrar;
+
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -12,7 +12,9 @@ use sd_core::{RegistrationState, Service};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use crate::metrics::LeaseMetrics;
 use crate::{Client, Error, EtcdClient};
 
 /// The lease pools of one client, found by the registrars made with that client: one pool, and
@@ -93,6 +95,10 @@ impl fmt::Debug for LeasePools {
 ///   is gone, or that someone overwrote without a lease (`etcdctl put`), is put back; a key now
 ///   held by *another* lease belongs to another registrar, which registered it on purpose, and
 ///   is left alone (`Retrying`, naming that lease) until it goes away.
+///
+/// The lease's task logs in a span `etcd_lease_pool{ttl_secs, heartbeat, lease}`: a failure is
+/// one warning when it starts (retries after it at `debug`) and one `info` line,
+/// `registrations recovered`, when it is over; heartbeats log nothing at `info`.
 ///
 /// `register()` returns the error of its first attempt (an empty key or value, etcd
 /// unreachable, ...) and then leaves nothing running: call it again. Once registered, failures
@@ -309,6 +315,7 @@ struct Pool<C> {
     wake: Notify,
     /// Serialises lease grants and revokes.
     lease_op: tokio::sync::Mutex<()>,
+    metrics: LeaseMetrics,
 }
 
 #[derive(Default)]
@@ -376,6 +383,7 @@ impl<C: Client + Clone> Pool<C> {
             state: Mutex::new(PoolState::default()),
             wake: Notify::new(),
             lease_op: tokio::sync::Mutex::new(()),
+            metrics: LeaseMetrics::new(ttl_secs),
         })
     }
 
@@ -419,7 +427,15 @@ impl<C: Client + Clone> Pool<C> {
 
     fn ensure_task(self: &Arc<Self>, st: &mut PoolState) {
         if st.task.as_ref().is_none_or(JoinHandle::is_finished) {
-            st.task = Some(tokio::spawn(keep(Arc::downgrade(self))));
+            // At ERROR level, so a filter that lets warnings through keeps the lease they are
+            // about; the task records the lease in it whenever it changes.
+            let span = tracing::error_span!(
+                "etcd_lease_pool",
+                ttl_secs = self.ttl_secs,
+                heartbeat = ?self.heartbeat,
+                lease = tracing::field::Empty,
+            );
+            st.task = Some(tokio::spawn(keep(Arc::downgrade(self)).instrument(span)));
         }
     }
 
@@ -569,9 +585,15 @@ impl<C: Client + Clone> Pool<C> {
             // Nobody holds anything on this lease: start afresh next time.
             if let Some(lease) = st.lease.take() {
                 let client = self.client.clone();
-                tokio::spawn(async move {
-                    let _ = client.revoke(lease).await;
-                });
+                let span = tracing::error_span!("etcd_revoke", lease = %format_args!("{lease:x}"));
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = client.revoke(lease).await {
+                            tracing::debug!(error = %sd_core::Report(&e), "revoking an unused lease failed; it expires at its TTL");
+                        }
+                    }
+                    .instrument(span),
+                );
             }
         }
     }
@@ -589,6 +611,7 @@ impl<C: Client + Clone> Pool<C> {
             .map(|e| (e.key.clone(), e.value.clone()))
             .collect();
         self.client.put_many(&entries, Some(lease)).await?;
+        self.metrics.reregistered(entries.len());
         Ok(lease)
     }
 
@@ -618,11 +641,16 @@ impl<C: Client + Clone> Pool<C> {
             let (kv, _) = self.client.get(&entry.key).await?;
             match kv {
                 Some(kv) if kv.lease != 0 && kv.lease != lease => {
-                    tracing::warn!(
-                        key = %entry.key,
-                        lease = format_args!("{:x}", kv.lease),
-                        "key taken over by another lease: left to its owner until it goes away"
-                    );
+                    // Checked every heartbeat while it lasts: said once.
+                    if matches!(*lock(&entry.state), RegistrationState::Retrying(_)) {
+                        tracing::debug!(key = %entry.key, "key still held by another lease");
+                    } else {
+                        tracing::warn!(
+                            key = %entry.key,
+                            other_lease = %format_args!("{:x}", kv.lease),
+                            "key taken over by another lease: left to its owner until it goes away"
+                        );
+                    }
                     entry.set_state(RegistrationState::Retrying(
                         Error::TakenOver {
                             key: entry.key.clone(),
@@ -647,6 +675,7 @@ impl<C: Client + Clone> Pool<C> {
                 .map(|e| (e.key.clone(), e.value.clone()))
                 .collect();
             self.client.put_many(&entries, Some(lease)).await?;
+            self.metrics.reregistered(entries.len());
             for e in restore {
                 e.set_state(RegistrationState::Registered);
             }
@@ -657,6 +686,9 @@ impl<C: Client + Clone> Pool<C> {
 
 /// The pool's task: puts waiting keys, refreshes the lease every heartbeat (each round bounded
 /// by the heartbeat), checks the keys it holds, and re-grants a lost lease.
+///
+/// A failure is one warning when it starts and one `info` line when it is over; the retries in
+/// between log at `debug`, so a long outage does not flood the log.
 async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
     let Some(every) = pool.upgrade().map(|p| p.heartbeat) else {
         return;
@@ -664,6 +696,10 @@ async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
     let mut next = Instant::now() + every;
     let mut failures = 0u32;
     let mut lost = false;
+    // Whether a failure has been reported and its recovery not yet.
+    let mut failing = false;
+    // The lease the span names.
+    let mut named = None;
     loop {
         let Some(p) = pool.upgrade() else { return };
         let woken = tokio::select! {
@@ -672,16 +708,17 @@ async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
         };
         if woken {
             p.flush().await;
+            name_lease(&p, &mut named);
             continue;
         }
         p.flush().await;
+        name_lease(&p, &mut named);
         let round = async {
             if lost {
-                let lease = p.regrant().await?;
-                tracing::info!(lease, "lease re-granted and its keys put again");
+                p.regrant().await?;
                 lost = false;
                 p.set_all(&RegistrationState::Registered);
-                return p.guard(lease).await;
+                name_lease(&p, &mut named);
             }
             let Some(lease) = lock(&p.state).lease else {
                 return Ok(());
@@ -693,7 +730,7 @@ async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
         };
         match round.await {
             Ok(()) => {
-                if failures > 0 {
+                if std::mem::take(&mut failing) {
                     tracing::info!("registrations recovered");
                     p.set_all(&RegistrationState::Registered);
                 }
@@ -701,19 +738,40 @@ async fn keep<C: Client + Clone>(pool: Weak<Pool<C>>) {
                 next = Instant::now() + every;
             }
             Err(Error::LeaseNotFound(lease)) if !lost => {
-                tracing::warn!(lease, "etcd lost the lease; granting a new one");
+                // A lost lease is a fault of its own, worth its warning even within an outage.
+                tracing::warn!(
+                    lost_lease = %format_args!("{lease:x}"),
+                    "etcd lost the lease; granting a new one and putting every key again"
+                );
+                p.metrics.lease_lost();
                 p.set_all(&RegistrationState::Retrying(
                     Error::LeaseNotFound(lease).into(),
                 ));
                 lost = true;
+                failing = true;
                 next = Instant::now();
             }
             Err(e) => {
-                tracing::warn!(error = %sd_core::Report(&e), "keeping the registrations alive failed; retrying");
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(error = %sd_core::Report(&e), "keeping the registrations alive failed again");
+                } else {
+                    tracing::warn!(error = %sd_core::Report(&e), "keeping the registrations alive failed; retrying with backoff");
+                }
                 p.set_all(&RegistrationState::Retrying(e.into()));
                 failures += 1;
                 next = Instant::now() + backoff(failures, every);
             }
+        }
+    }
+}
+
+/// Records `p`'s lease in the task's span when it changed since `named`.
+fn name_lease<C>(p: &Pool<C>, named: &mut Option<i64>) {
+    let lease = lock(&p.state).lease;
+    if lease.is_some() && lease != *named {
+        *named = lease;
+        if let Some(lease) = lease {
+            tracing::Span::current().record("lease", tracing::field::display(format!("{lease:x}")));
         }
     }
 }
@@ -741,14 +799,18 @@ impl<C: Client + Clone> Drop for EtcdRegistrar<C> {
         // A key without a lease was meant to stay: dropping the handle leaves it.
         if let Some(pool) = &self.pool {
             let (pool, entry) = (pool.clone(), self.entry.clone());
+            let span = tracing::error_span!("etcd_registrar_drop", key = %entry.key);
             if self.revoke_on_drop {
-                rt.spawn(async move {
-                    if let Err(e) = pool.remove(&entry).await {
-                        tracing::debug!(key = %entry.key, error = %sd_core::Report(&e), "best-effort deregister on drop failed");
+                rt.spawn(
+                    async move {
+                        if let Err(e) = pool.remove(&entry).await {
+                            tracing::debug!(error = %sd_core::Report(&e), "best-effort deregister on drop failed");
+                        }
                     }
-                });
+                    .instrument(span),
+                );
             } else {
-                rt.spawn(async move { pool.orphan(&entry).await });
+                rt.spawn(async move { pool.orphan(&entry).await }.instrument(span));
             }
         }
     }

@@ -342,7 +342,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> Maglev<E, P> {
         self.with_view(|endpoints, snapshot, view| {
             let (n, m) = (endpoints.len().min(view.loads.len()), view.table.len());
             if n == 0 || m == 0 {
-                return Err(snapshot.no_endpoints());
+                return Err(crate::metrics::no_endpoint(snapshot));
             }
             let total = bound.total.load(Ordering::Relaxed);
             let cap = ((bound.factor * (total + 1) as f64) / n as f64).ceil() as usize;
@@ -378,7 +378,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> Maglev<E, P> {
                         load: Some((load.clone(), bound.total.clone())),
                     })
                 }
-                _ => Err(snapshot.no_endpoints()),
+                _ => Err(crate::metrics::no_endpoint(snapshot)),
             }
         })
     }

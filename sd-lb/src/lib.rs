@@ -19,6 +19,8 @@
 //! With feature `tower`, `tower::Balanced` makes any of them one `tower::Service` when its
 //! endpoints are services, and `tower::RetryService` does the same for [`Retry`] (module
 //! `tower`).
+//! Feature `metrics` counts what goes wrong (picks with no endpoint, retries and why they stop,
+//! ejections) through the `metrics` facade: see the module `metrics` for the table.
 //!
 //! [`RoundRobin`], [`Random`] and [`P2c`] take [`Outliers`] (`with_outliers`): passive health
 //! checking that ejects instances whose calls keep failing, slow start for instances that just
@@ -74,6 +76,11 @@
 
 pub mod checks;
 pub mod hash;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 pub mod outliers;
 pub mod p2c;
 mod per_snapshot;

@@ -37,6 +37,7 @@ use std::time::Duration;
 use sd_core::{Error, Instance, Snapshot, Tried};
 use tokio::time::Instant;
 
+use crate::metrics::{EjectedBy, EjectedGauge, OutlierMetrics};
 use crate::per_snapshot::PerSnapshot;
 
 /// Outlier detection settings and the state of every instance it follows (see the
@@ -72,6 +73,7 @@ pub struct Outliers {
     slow_start: Option<SlowStart>,
     /// Whether a table was built yet: the first set's instances start warm.
     seen_a_set: std::sync::atomic::AtomicBool,
+    metrics: OutlierMetrics,
 }
 
 /// Instances ejected and warming now: a pick looks at an instance's health only when either
@@ -137,6 +139,7 @@ pub(crate) struct Host {
     /// Taken out by active health checks: only they bring it back.
     checked_out: std::sync::atomic::AtomicBool,
     counts: Arc<Counts>,
+    ejected_gauge: EjectedGauge,
     instance: Instance,
 }
 
@@ -146,6 +149,7 @@ impl Drop for Host {
         // while warming, as warming.
         if *self.until.get_mut() != 0 {
             self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+            self.ejected_gauge.add(-1.0);
         }
         if *self.since.get_mut() != 0 {
             self.counts.warming.fetch_sub(1, Ordering::Relaxed);
@@ -169,6 +173,7 @@ impl Default for Outliers {
             last_n: AtomicUsize::new(0),
             slow_start: None,
             seen_a_set: Default::default(),
+            metrics: OutlierMetrics::new(),
         }
     }
 }
@@ -438,6 +443,7 @@ impl Outliers {
                                 since: AtomicU64::new(now),
                                 checked_out: Default::default(),
                                 counts: self.counts.clone(),
+                                ejected_gauge: self.metrics.gauge(),
                                 instance: instance.clone(),
                             });
                             if warm_up {
@@ -532,25 +538,28 @@ impl Outliers {
             }
             if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
                 self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.restored();
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
             }
             if too_often {
-                self.try_eject(host, n, "too many of its calls failed");
+                self.try_eject(host, n, EjectedBy::Rate);
             }
             return;
         }
         if ejected {
             // The probe (or a call from before the ejection) failed: eject again, longer.
             let (times, duration) = self.eject_for(host);
+            self.metrics.ejected(EjectedBy::Probe, false);
+            tracing::debug!(instance = %host.instance, times, "ejected again: the probe failed");
             self.tell(host, HealthChange::Ejected { times, duration });
             return;
         }
         let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= self.consecutive {
-            self.try_eject(host, n, "too many failures in a row");
+            self.try_eject(host, n, EjectedBy::Consecutive);
         } else if too_often {
-            self.try_eject(host, n, "too many of its calls failed");
+            self.try_eject(host, n, EjectedBy::Rate);
         }
     }
 
@@ -593,9 +602,11 @@ impl Outliers {
             return true;
         }
         // Already ejected by its calls: it counts against the cap once.
-        if host.until.load(Ordering::Relaxed) == 0 && !self.take_cap(n) {
+        let newly = host.until.load(Ordering::Relaxed) == 0;
+        if newly && !self.take_cap(n) {
             return false;
         }
+        self.metrics.ejected(EjectedBy::Check, newly);
         host.checked_out.store(true, Ordering::Relaxed);
         host.until.store(u64::MAX, Ordering::Relaxed);
         tracing::warn!(instance = %host.instance, failures, "out of service: active health checks failed");
@@ -610,6 +621,7 @@ impl Outliers {
             host.fails.store(0, Ordering::Relaxed);
             if host.until.swap(0, Ordering::Relaxed) != 0 {
                 self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.restored();
             }
             tracing::info!(instance = %host.instance, "restored: active health checks passed");
             self.tell(host, HealthChange::Restored);
@@ -628,15 +640,20 @@ impl Outliers {
             .is_ok()
     }
 
-    /// Ejects `host` for `why`, unless that would put more than `max_ejection_percent` of the
-    /// `n` instances out at once.
-    fn try_eject(&self, host: &Host, n: usize, why: &str) {
+    /// Ejects `host` for what `by` saw, unless that would put more than `max_ejection_percent`
+    /// of the `n` instances out at once.
+    fn try_eject(&self, host: &Host, n: usize, by: EjectedBy) {
         if !self.take_cap(n) {
             return;
         }
         host.fails.store(0, Ordering::Relaxed);
         host.window.store(0, Ordering::Relaxed);
         let (times, duration) = self.eject_for(host);
+        self.metrics.ejected(by, true);
+        let why = match by {
+            EjectedBy::Rate => "too many of its calls failed",
+            _ => "too many failures in a row",
+        };
         tracing::warn!(instance = %host.instance, times, "ejected: {why}");
         self.tell(host, HealthChange::Ejected { times, duration });
     }

@@ -424,7 +424,7 @@ where
             |endpoints, snapshot, local| {
                 let n = endpoints.len().min(local.loads.len());
                 if n == 0 {
-                    return Err(snapshot.no_endpoints());
+                    return Err(crate::metrics::no_endpoint(snapshot));
                 }
                 let i = self.admitted(local, n);
                 guard_at(endpoints, &local.loads, snapshot, i)
@@ -440,14 +440,14 @@ where
                 self.with(|endpoints, snapshot, local| {
                     let n = endpoints.len().min(local.loads.len());
                     if n == 0 {
-                        return Some(Err(snapshot.no_endpoints()));
+                        return Some(Err(crate::metrics::no_endpoint(snapshot)));
                     }
                     let i = self.admitted(local, n);
                     let i = crate::pick::avoiding(tried, snapshot, i, n)?;
                     Some(guard_at(endpoints, &local.loads, snapshot, i))
                 })
             },
-            || Err(self.endpointer.snapshot().no_endpoints()),
+            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
         )
     }
 
@@ -542,7 +542,7 @@ fn guard_at<E: Clone>(
             // This clone is the request in flight.
             load: counter.load.clone(),
         }),
-        _ => Err(snapshot.no_endpoints()),
+        _ => Err(crate::metrics::no_endpoint(snapshot)),
     }
 }
 

@@ -42,7 +42,7 @@ pub(crate) fn cloned_at<E: Clone>(
 ) -> Result<E, Error> {
     match slot.and_then(|i| endpoints.get(i)) {
         Some(endpoint) => Ok(endpoint.clone()),
-        None => Err(snapshot.no_endpoints()),
+        None => Err(crate::metrics::no_endpoint(snapshot)),
     }
 }
 

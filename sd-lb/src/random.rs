@@ -181,13 +181,13 @@ where
                 self.with(|endpoints, snapshot, state| {
                     let n = endpoints.len();
                     let Some(slot) = self.next_slot(state, n) else {
-                        return Some(Err(snapshot.no_endpoints()));
+                        return Some(Err(crate::metrics::no_endpoint(snapshot)));
                     };
                     let slot = crate::pick::avoiding(tried, snapshot, slot, n)?;
                     Some(crate::pick::cloned_at(endpoints, snapshot, Some(slot)))
                 })
             },
-            || Err(self.endpointer.snapshot().no_endpoints()),
+            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
         )
     }
 

@@ -12,6 +12,8 @@ use std::time::Duration;
 use sd_core::{Balancer, Error, Tried};
 use tokio::time::Instant;
 
+use crate::metrics::RetryMetrics;
+
 /// Calls through a [`Balancer`], retrying failed attempts (go-kit's `Retry` and
 /// `RetryWithCallback`).
 ///
@@ -71,6 +73,7 @@ pub struct Retry<B, C = AlwaysRetry> {
     backoff_cap: Option<Duration>,
     budget: Option<Arc<RetryBudget>>,
     callback: C,
+    metrics: RetryMetrics,
 }
 
 impl<B: Balancer> Retry<B> {
@@ -109,6 +112,7 @@ impl<B: Balancer> Retry<B> {
             backoff_cap: None,
             budget: None,
             callback: AlwaysRetry,
+            metrics: RetryMetrics::new(),
         })
     }
 }
@@ -213,6 +217,7 @@ impl<B: Balancer, C> Retry<B, C> {
             backoff_cap: self.backoff_cap,
             budget: self.budget,
             callback,
+            metrics: self.metrics,
         }
     }
 
@@ -320,12 +325,15 @@ impl<B: Balancer, C> Retry<B, C> {
                 },
             }
         };
-        outcome.map_err(|reason| RetryError {
-            errors,
-            reason,
-            attempts,
-            deadline: self.deadline,
-            replacement,
+        outcome.map_err(|reason| {
+            self.metrics.stopped(reason);
+            RetryError {
+                errors,
+                reason,
+                attempts,
+                deadline: self.deadline,
+                replacement,
+            }
         })
     }
 
@@ -344,6 +352,9 @@ impl<B: Balancer, C> Retry<B, C> {
         // The picks that failed: retries go to other endpoints while there are any.
         let mut tried = Tried::new();
         for attempt in 1..=self.max {
+            if attempt > 1 {
+                self.metrics.retry();
+            }
             *started = attempt;
             let err = match self.balancer.endpoint_avoiding(&mut tried) {
                 Ok(endpoint) => match f(endpoint).await {

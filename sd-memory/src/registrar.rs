@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sd_core::{Error, Registrar, RegistrationState, Service, TtlOption};
 use tokio::task::JoinHandle;
 use tokio::time::{interval, MissedTickBehavior};
+use tracing::Instrument;
 
 use crate::store::{is_lease_not_found, LeaseId, MemoryStore};
 
@@ -125,6 +126,9 @@ async fn heartbeat(
     let mut ticks = interval(ttl.heartbeat());
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticks.tick().await;
+    // Whether the last round failed: a failing store is one warning when it starts and one line
+    // when it is over, not a warning per heartbeat.
+    let mut failing = false;
     loop {
         ticks.tick().await;
         // The whole round runs under the registrar's lock (store calls are synchronous), so a
@@ -136,7 +140,7 @@ async fn heartbeat(
         };
         let result = match store.keep_alive(lease) {
             Err(e) if is_lease_not_found(&e) => {
-                tracing::warn!(key = %service.key, "lease lost: registering again");
+                tracing::warn!("lease lost: registering again");
                 put_leased(&store, &service, ttl).map(|new| {
                     st.lease = Some(new);
                 })
@@ -144,9 +148,18 @@ async fn heartbeat(
             other => other,
         };
         match result {
-            Ok(()) => st.state = RegistrationState::Registered,
+            Ok(()) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("registration recovered");
+                }
+                st.state = RegistrationState::Registered;
+            }
             Err(e) => {
-                tracing::warn!(key = %service.key, error = %sd_core::Report(&e), "heartbeat failed; retrying");
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(error = %sd_core::Report(&e), "heartbeat still failing");
+                } else {
+                    tracing::warn!(error = %sd_core::Report(&e), "heartbeat failed; retrying every heartbeat");
+                }
                 st.state = RegistrationState::Retrying(e);
             }
         }
@@ -173,12 +186,17 @@ impl Registrar for MemoryRegistrar {
         st.registered = true;
         st.state = RegistrationState::Registered;
         if let Some(ttl) = self.service.ttl {
-            st.heartbeat = Some(tokio::spawn(heartbeat(
-                self.store.clone(),
-                self.service.clone(),
-                ttl,
-                self.inner.clone(),
-            )));
+            // At ERROR level, so a filter that lets warnings through keeps the key they are about.
+            let span = tracing::error_span!("memory_registrar", key = %self.service.key);
+            st.heartbeat = Some(tokio::spawn(
+                heartbeat(
+                    self.store.clone(),
+                    self.service.clone(),
+                    ttl,
+                    self.inner.clone(),
+                )
+                .instrument(span),
+            ));
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sd_core::{Error, Event, Instance, InstanceSet, Publisher};
 use tokio::time::{sleep, sleep_until, Instant};
+use tracing::Instrument;
 
 /// How long a broken watch waits before it "reconnects" and publishes the current set again.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -427,7 +428,10 @@ impl MemoryStore {
             },
         );
         drop(state);
-        tokio::spawn(expire_when_due(Arc::downgrade(&self.inner), id));
+        tokio::spawn(
+            expire_when_due(Arc::downgrade(&self.inner), id)
+                .instrument(tracing::error_span!("memory_lease", lease = id.0)),
+        );
         Ok(id)
     }
 
@@ -565,29 +569,32 @@ impl MemoryStore {
         }
         drop(state);
         let inner = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            loop {
-                sleep(RECONNECT_DELAY).await;
-                let Some(inner) = inner.upgrade() else { return };
-                let mut state = inner.lock();
-                if !state.available {
-                    // `set_available(true)` publishes the set when the store comes back.
-                    return;
-                }
-                match state.check("watch reconnect") {
-                    Ok(()) => {
-                        state.notify_all();
+        tokio::spawn(
+            async move {
+                loop {
+                    sleep(RECONNECT_DELAY).await;
+                    let Some(inner) = inner.upgrade() else { return };
+                    let mut state = inner.lock();
+                    if !state.available {
+                        // `set_available(true)` publishes the set when the store comes back.
                         return;
                     }
-                    Err(e) => {
-                        state.watchers.retain(|w| w.strong_count() > 0);
-                        for w in state.watchers.iter().filter_map(Weak::upgrade) {
-                            w.publisher.publish(Event::Error(e.clone()));
+                    match state.check("watch reconnect") {
+                        Ok(()) => {
+                            state.notify_all();
+                            return;
+                        }
+                        Err(e) => {
+                            state.watchers.retain(|w| w.strong_count() > 0);
+                            for w in state.watchers.iter().filter_map(Weak::upgrade) {
+                                w.publisher.publish(Event::Error(e.clone()));
+                            }
                         }
                     }
                 }
             }
-        });
+            .instrument(tracing::error_span!("memory_watch_reconnect")),
+        );
     }
 
     /// Takes the store down (`false`: every operation fails and every watch reports an error)

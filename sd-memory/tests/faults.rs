@@ -159,3 +159,84 @@ async fn a_ttl_too_long_to_represent_does_not_panic() {
     assert!(reg.state().is_registered(), "state: {:?}", reg.state());
     assert_eq!(store.get_prefix("/svc/a/").unwrap().len(), 1);
 }
+
+/// Formatted log lines of every test of this binary, written where a test can read them.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// The process-wide subscriber's lines (at `info` and above). Global, not per test: a
+    /// callsite first reached by a thread without a subscriber can be cached as disabled for
+    /// every thread, so a thread-local subscriber misses events while other tests run.
+    fn global() -> Logs {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .init();
+            logs
+        })
+        .clone()
+    }
+
+    /// The lines that contain `needle`.
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A store down for a few heartbeats: at `info` and above, the registrar's task says once that
+/// its heartbeats fail and once that the registration recovered, in a span naming its key;
+/// heartbeats before and after log nothing.
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_one_warning_and_one_recovery_line_in_the_registrars_span() {
+    let logs = Logs::global();
+    let span = "memory_registrar{key=/svc/logged/1}";
+    let store = MemoryStore::new();
+    let ttl = TtlOption::new(Duration::from_secs(1), Duration::from_secs(10)).expect("valid ttl");
+    let service = Service::new("/svc/logged/1", "127.0.0.1:1")
+        .unwrap()
+        .with_ttl(ttl);
+    let reg = MemoryRegistrar::new(&store, service).unwrap();
+    reg.register().await.unwrap();
+    sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        logs.lines_with(span),
+        Vec::<String>::new(),
+        "quiet while well"
+    );
+
+    store.set_available(false);
+    sleep(Duration::from_secs(4)).await;
+    assert!(matches!(reg.state(), RegistrationState::Retrying(_)));
+    store.set_available(true);
+    sleep(Duration::from_secs(3)).await;
+    assert!(reg.state().is_registered(), "{:?}", reg.state());
+
+    let lines = logs.lines_with(span);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for (line, says) in lines.iter().zip([
+        " WARN memory_registrar{key=/svc/logged/1}: sd_memory::registrar: heartbeat failed",
+        " INFO memory_registrar{key=/svc/logged/1}: sd_memory::registrar: registration recovered",
+    ]) {
+        assert!(line.contains(says), "{line:?} does not say {says:?}");
+    }
+}

@@ -4,6 +4,10 @@
 //! instances as they change, calls one every `--call-every`, and deregisters on shutdown
 //! (Ctrl-C / SIGINT, SIGTERM, or after `--run-for`).
 //!
+//! With `--metrics-addr 127.0.0.1:9100` it serves its metrics (sd's: instances per prefix,
+//! endpoints, discovery errors, lease losses, retries, ...) as Prometheus text at
+//! `http://127.0.0.1:9100/metrics`.
+//!
 //! Every flag is checked before anything is registered (durations above zero and at most 365
 //! days, endpoints `http://HOST:PORT` or `https://HOST:PORT`, TLS files readable and matching),
 //! so a mistake is reported on stderr with a non-zero exit, and no key is left behind.
@@ -14,6 +18,7 @@
 //! etcdctl put /services/barsvc/127.0.0.1:9000 127.0.0.1:9000
 //! ```
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -64,6 +69,9 @@ struct Args {
     /// gRPC's resolver) or json.
     #[arg(long, default_value = "plain")]
     format: ValueFormat,
+    /// Serve metrics as Prometheus text at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// A barsvc endpoint. A real program would hold a client connection here; the example only
@@ -138,6 +146,12 @@ async fn run(args: Args) -> Result<(), Error> {
     let service = Service::new(format!("{FOO_PREFIX}{}", args.instance), &args.instance)?
         .with_metadata(meta, args.format)?
         .with_ttl(ttl);
+    // Before anything that records metrics is made (they register with the recorder installed
+    // at that moment), and before registering: a busy address leaves no key behind.
+    if let Some(addr) = args.metrics_addr {
+        examples::serve_metrics(addr).map_err(Error::invalid_argument)?;
+        println!("metrics at http://{addr}/metrics");
+    }
     // Install the signal handlers before registering, so no signal finds us without them.
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::backend)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::backend)?;
@@ -178,7 +192,8 @@ async fn serve(
     let factory = |instance: &Instance| -> Result<(BarEndpoint, Option<Closer>), Error> {
         Ok((BarEndpoint(instance.clone()), None))
     };
-    let endpointer = DefaultEndpointer::new(&instancer, factory, EndpointerOptions::new()).await;
+    let options = EndpointerOptions::new().name("barsvc");
+    let endpointer = DefaultEndpointer::new(&instancer, factory, options).await;
     // By weight; with --zone, round robin within the zone while it has barsvc instances.
     let balancer = match &args.zone {
         Some(zone) => Pick::Zoned(ZoneAware::new(endpointer, zone)),

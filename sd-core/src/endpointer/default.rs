@@ -8,9 +8,11 @@ use arc_swap::ArcSwap;
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
+use tracing::Instrument;
 
 use crate::factory::{make_or_skip, CloseGuard};
 use crate::instancer::Owned;
+use crate::metrics::EndpointerMetrics;
 use crate::{
     Calls, Change, Endpointer, Error, Event, EventStream, Factory, Instance, InstanceSet,
     Instancer, Slots, Snapshot,
@@ -29,6 +31,7 @@ use crate::{
 pub struct EndpointerOptions {
     invalidate_on_error: Option<Duration>,
     drain: Option<Duration>,
+    name: Option<String>,
 }
 
 impl EndpointerOptions {
@@ -98,6 +101,29 @@ impl EndpointerOptions {
     /// ```
     pub fn drain_timeout(&self) -> Option<Duration> {
         self.drain
+    }
+
+    /// Names the endpointer (say, after the service it calls): its background task logs in a
+    /// span `sd_endpointer{name}`, and with feature `metrics` its metrics carry the label
+    /// `endpointer="<name>"` (`default` when unnamed; see `sd_core::metrics`). With many
+    /// endpointers in one program, this is how their logs and metrics tell them apart.
+    ///
+    /// ```
+    /// let opts = sd_core::EndpointerOptions::new().name("barsvc");
+    /// assert_eq!(opts.endpointer_name(), Some("barsvc"));
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The name set by [`name`](Self::name).
+    ///
+    /// ```
+    /// assert_eq!(sd_core::EndpointerOptions::new().endpointer_name(), None);
+    /// ```
+    pub fn endpointer_name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 }
 
@@ -355,16 +381,23 @@ impl<E: Clone + Send + Sync + 'static> DefaultEndpointer<E> {
             cache: Mutex::new(Cache::empty(options.drain)),
         });
         let mut stream = instancer.subscribe();
+        // At ERROR level, so a filter that lets warnings through keeps the span that says which
+        // endpointer warned.
+        let span = match options.endpointer_name() {
+            Some(name) => tracing::error_span!("sd_endpointer", name = %name),
+            None => tracing::error_span!("sd_endpointer"),
+        };
         let mut follower = Follower {
             shared: shared.clone(),
             factory,
+            metrics: EndpointerMetrics::new(options.endpointer_name()),
             options,
             invalidate_at: None,
         };
         let task = match stream.next().await {
             Some(first) => {
-                follower.apply(first);
-                Some(tokio::spawn(follower.run(stream)))
+                span.in_scope(|| follower.apply(first));
+                Some(tokio::spawn(follower.run(stream).instrument(span)))
             }
             None => {
                 follower.shared.set_error(Error::Stopped);
@@ -537,7 +570,7 @@ impl<E: Clone> Shared<E> {
         self.publish(&mut cache);
     }
 
-    fn invalidate(&self) {
+    fn invalidate(&self, metrics: &EndpointerMetrics) {
         let mut cache = self.lock();
         if cache.closed {
             return;
@@ -548,6 +581,7 @@ impl<E: Clone> Shared<E> {
             error = ?cache.error,
             "discovery has failed for longer than invalidate_on_error: dropping all endpoints"
         );
+        metrics.changed(dropped.len(), 0);
         self.publish(&mut cache);
         drop(cache);
         drop(dropped);
@@ -559,6 +593,7 @@ struct Follower<E, F> {
     factory: F,
     options: EndpointerOptions,
     invalidate_at: Option<Instant>,
+    metrics: EndpointerMetrics,
 }
 
 impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
@@ -569,7 +604,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
                     next = stream.next() => next,
                     _ = sleep_until(at) => {
                         self.invalidate_at = None;
-                        self.shared.invalidate();
+                        self.shared.invalidate(&self.metrics);
                         continue;
                     }
                 },
@@ -583,7 +618,7 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
                     self.apply(Event::Error(Error::Stopped));
                     if let Some(at) = self.invalidate_at {
                         sleep_until(at).await;
-                        self.shared.invalidate();
+                        self.shared.invalidate(&self.metrics);
                     }
                     return;
                 }
@@ -598,8 +633,17 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
                 self.update(set);
             }
             Event::Error(err) => {
-                tracing::warn!(error = %crate::Report(&err), "discovery error: serving the last known endpoints");
-                if self.invalidate_at.is_none() && self.shared.lock().error.is_none() {
+                let first = self.shared.lock().error.is_none();
+                // One warning when discovery starts failing, one line when it recovers
+                // (`update`); the errors in between (one per failed reconnect) are details.
+                if matches!(err, Error::Stopped) {
+                    tracing::info!("the instancer stopped: serving the last known endpoints");
+                } else if first {
+                    tracing::warn!(error = %crate::Report(&err), "discovery failing: serving the last known endpoints");
+                } else {
+                    tracing::debug!(error = %crate::Report(&err), "discovery still failing");
+                }
+                if self.invalidate_at.is_none() && first {
                     // A timeout too long to represent (e.g. `Duration::MAX`) never fires.
                     self.invalidate_at = self
                         .options
@@ -669,7 +713,12 @@ impl<E: Clone + Send + Sync + 'static, F: Factory<E>> Follower<E, F> {
         if changes > 64 && changes * 8 > cache.entries.len() {
             cache.rebuild();
         }
-        cache.error = None;
+        if let Some(err) = cache.error.take() {
+            if !matches!(*err, Error::Stopped) {
+                tracing::info!(endpoints = cache.entries.len(), "discovery recovered");
+            }
+        }
+        self.metrics.changed(changes, cache.entries.len());
         self.shared.publish(&mut cache);
         drop(cache);
         // Closers may block or take locks of their own: run them outside ours.

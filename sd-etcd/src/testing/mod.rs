@@ -38,3 +38,15 @@ mod proxy;
 pub use certs::TlsFiles;
 pub use cluster::{EtcdCluster, EtcdServer, ServerOptions};
 pub use proxy::TcpProxy;
+
+/// A loopback port free right now that no etcd or proxy of this process got, for a test's own
+/// server (a program's metrics listener, say). It comes from below the kernel's ephemeral
+/// range, so no outgoing connection takes it before the server binds it.
+///
+/// ```
+/// let port = sd_etcd::testing::free_port();
+/// assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+/// ```
+pub fn free_port() -> u16 {
+    process::next_port()
+}
