@@ -667,3 +667,66 @@ async fn foosvc_refuses_a_busy_metrics_address_before_registering() {
     );
     assert!(foosvc_keys(&etcd).await.is_empty());
 }
+
+/// On SIGTERM foosvc deregisters first (clients stop picking it), then lets its calls in
+/// flight finish; with a short `--drain-timeout` it abandons calls that take longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foosvc_deregisters_then_drains_its_calls_on_sigterm() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    let mut raw = etcd.raw_client().await;
+    raw.put("/services/barsvc/127.0.0.1:9301", "127.0.0.1:9301", None)
+        .await
+        .expect("put a barsvc instance");
+    for (instance, drain, drains) in [
+        ("127.0.0.1:9311", "10s", true),
+        ("127.0.0.1:9312", "300ms", false),
+    ] {
+        let mut foo = Program::start(&[
+            "--etcd",
+            &endpoint,
+            "--instance",
+            instance,
+            "--call-every",
+            "100ms",
+            "--call-latency",
+            "1500ms",
+            "--drain-timeout",
+            drain,
+        ]);
+        foo.expect_line("registered /services/foosvc/");
+        foo.expect_line("barsvc instances:");
+        // Calls take 1.5 s and start every 100 ms: several are in flight now.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        foo.signal(libc::SIGTERM);
+        foo.expect_line("SIGTERM: shutting down");
+        foo.expect_line("deregistered");
+        // Deregistered while its calls still run: the key is gone before they end.
+        assert!(
+            foosvc_keys(&etcd).await.is_empty(),
+            "key left while draining"
+        );
+        foo.expect_line("draining");
+        let after = foo.seen.len();
+        if drains {
+            foo.expect_line("drained");
+            let answered = foo.seen[after..]
+                .iter()
+                .filter(|l| l.starts_with("call: barsvc at 127.0.0.1:9301 answered"))
+                .count();
+            assert!(
+                answered >= 2,
+                "calls answered after deregistering:\n{}",
+                foo.seen.join("\n")
+            );
+        } else {
+            foo.expect_line("drain timeout: abandoning");
+            assert!(
+                !foo.seen[after..].iter().any(|l| l.starts_with("call:")),
+                "no call finished within 300 ms:\n{}",
+                foo.seen.join("\n")
+            );
+        }
+        foo.wait_success();
+    }
+}

@@ -2,7 +2,9 @@
 //! `/services/foosvc/<instance>` with a TTL, discovers `/services/barsvc/` through an instancer,
 //! an endpointer with a factory, round robin and retry (3 attempts within 3 s), prints the barsvc
 //! instances as they change, calls one every `--call-every`, and deregisters on shutdown
-//! (Ctrl-C / SIGINT, SIGTERM, or after `--run-for`).
+//! (Ctrl-C / SIGINT, SIGTERM, or after `--run-for`). Shutdown drains: foosvc deregisters first,
+//! so clients stop picking it, then gives the calls it has in flight up to `--drain-timeout` to
+//! finish before it exits.
 //!
 //! With `--metrics-addr 127.0.0.1:9100` it serves its metrics (sd's: instances per prefix,
 //! endpoints, discovery errors, lease losses, retries, ...) as Prometheus text at
@@ -20,6 +22,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -32,6 +35,7 @@ use sd_core::{
 use sd_etcd::{EtcdInstancer, EtcdRegistrar};
 use sd_lb::{Retry, WeightedRoundRobin, ZoneAware};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
 
 const FOO_PREFIX: &str = "/services/foosvc/";
 const BAR_PREFIX: &str = "/services/barsvc/";
@@ -69,6 +73,13 @@ struct Args {
     /// gRPC's resolver) or json.
     #[arg(long, default_value = "plain")]
     format: ValueFormat,
+    /// On shutdown, after deregistering, how long calls in flight may take to finish before
+    /// foosvc exits without them (above zero, at most 365 days).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// How long each barsvc call takes (simulates a slow backend; default none).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    call_latency: Duration,
     /// Serve metrics as Prometheus text at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -80,7 +91,10 @@ struct Args {
 struct BarEndpoint(Instance);
 
 impl BarEndpoint {
-    async fn call(&self) -> Result<String, Error> {
+    async fn call(&self, latency: Duration) -> Result<String, Error> {
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         Ok(format!("barsvc at {} answered", self.0))
     }
 }
@@ -122,8 +136,12 @@ fn check_durations(args: &Args) -> Result<(), Error> {
         ("--heartbeat", args.heartbeat),
         ("--ttl", args.ttl),
         ("--call-every", args.call_every),
+        ("--drain-timeout", args.drain_timeout),
     ];
     checks.extend(args.run_for.map(|d| ("--run-for", d)));
+    if !args.call_latency.is_zero() {
+        checks.push(("--call-latency", args.call_latency));
+    }
     for (flag, value) in checks {
         examples::check_duration(flag, value).map_err(Error::invalid_argument)?;
     }
@@ -164,14 +182,18 @@ async fn run(args: Args) -> Result<(), Error> {
         args.instance, args.ttl
     );
 
-    let result = serve(&args, client, &mut sigterm, &mut sigint).await;
+    let mut in_flight = JoinSet::new();
+    let result = serve(&args, client, &mut sigterm, &mut sigint, &mut in_flight).await;
 
-    // Deregister whatever serve() returned; report both errors if both failed.
-    match registrar.deregister().await {
-        Ok(()) => {
-            println!("deregistered {FOO_PREFIX}{}", args.instance);
-            result
-        }
+    // Deregister first, whatever serve() returned, so that clients stop picking this instance
+    // while its calls finish; report both errors if both failed.
+    let deregistered = registrar.deregister().await;
+    if deregistered.is_ok() {
+        println!("deregistered {FOO_PREFIX}{}", args.instance);
+    }
+    drain(&mut in_flight, args.drain_timeout).await;
+    match deregistered {
+        Ok(()) => result,
         Err(e) => {
             if let Err(served) = &result {
                 eprintln!("foosvc: {served}");
@@ -181,11 +203,36 @@ async fn run(args: Args) -> Result<(), Error> {
     }
 }
 
+/// Waits for the calls in flight, at most `timeout`; abandons those still running then.
+async fn drain(in_flight: &mut JoinSet<()>, timeout: Duration) {
+    if in_flight.is_empty() {
+        return;
+    }
+    println!(
+        "draining {} call(s) in flight (at most {timeout:?})",
+        in_flight.len()
+    );
+    let finished = tokio::time::timeout(timeout, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_ok() {
+        println!("drained");
+    } else {
+        println!(
+            "drain timeout: abandoning {} call(s) in flight",
+            in_flight.len()
+        );
+        in_flight.abort_all();
+    }
+}
+
 async fn serve(
     args: &Args,
     client: sd_etcd::EtcdClient,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
+    in_flight: &mut JoinSet<()>,
 ) -> Result<(), Error> {
     let instancer = EtcdInstancer::new(client, BAR_PREFIX).await?;
     let mut changes = instancer.subscribe();
@@ -199,7 +246,9 @@ async fn serve(
         Some(zone) => Pick::Zoned(ZoneAware::new(endpointer, zone)),
         None => Pick::Weighted(WeightedRoundRobin::new(endpointer)),
     };
-    let retry = Retry::new(balancer, 3, Duration::from_secs(3))?;
+    // Shared with the calls, which run concurrently: a slow one does not hold up the next.
+    let retry = Arc::new(Retry::new(balancer, 3, Duration::from_secs(3))?);
+    let latency = args.call_latency;
 
     // Both durations were checked by check_durations(): the period is not zero, and sleep()
     // saturates a deadline past the clock's end instead of adding to an Instant.
@@ -224,11 +273,16 @@ async fn serve(
                 None => break,
             },
             _ = calls.tick() => {
-                match retry.call(|bar: BarEndpoint| async move { bar.call().await }).await {
-                    Ok(reply) => println!("call: {reply}"),
-                    Err(e) => println!("call failed: {}", examples::retry_failure(&e)),
-                }
+                let retry = retry.clone();
+                in_flight.spawn(async move {
+                    match retry.call(|bar: BarEndpoint| async move { bar.call(latency).await }).await {
+                        Ok(reply) => println!("call: {reply}"),
+                        Err(e) => println!("call failed: {}", examples::retry_failure(&e)),
+                    }
+                });
             }
+            // Reaps finished calls, so the set holds only those in flight.
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
     instancer.stop();
