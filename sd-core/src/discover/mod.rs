@@ -332,6 +332,9 @@ impl<S, F: Factory<S>> Discovery<S, F> {
         }
         self.last = set;
         let instances = self.current.len();
+        if self.state.borrow().error.is_some() {
+            tracing::info!(instances, "discovery recovered");
+        }
         self.set_state(|state| {
             state.instances = instances;
             state.error = None;
@@ -357,7 +360,12 @@ where
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(Event::Instances(set))) => this.apply(set),
                 Poll::Ready(Some(Event::Error(err))) => {
-                    tracing::warn!(error = %crate::Report(&err), "discovery error: keeping the current services");
+                    // One warning per outage; its repeats are debug lines.
+                    if this.state.borrow().error.is_none() {
+                        tracing::warn!(error = %crate::Report(&err), "discovery error: keeping the current services");
+                    } else {
+                        tracing::debug!(error = %crate::Report(&err), "discovery still failing");
+                    }
                     this.set_state(|state| state.error = Some(Arc::new(err)));
                 }
                 Poll::Ready(None) => {
