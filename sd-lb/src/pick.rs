@@ -70,6 +70,25 @@ pub(crate) fn avoiding<E>(
     tried.record_in(snapshot, chosen).then_some(chosen)
 }
 
+/// The endpoint at `slot` for a pick that may be recorded: with `tried` (a retry's pick),
+/// steered past the slots that failed in the call and recorded (see [`avoiding`]; `None` when
+/// it met an endpoint closed under a stale snapshot); without, as [`cloned_at`].
+#[inline(always)]
+pub(crate) fn cloned_avoiding<E: Clone>(
+    endpoints: &Slots<E>,
+    snapshot: &Snapshot<E>,
+    slot: Option<usize>,
+    tried: Option<&mut Tried>,
+) -> Option<Result<E, Error>> {
+    match (slot, tried) {
+        (Some(slot), Some(tried)) => {
+            let slot = avoiding(tried, snapshot, slot, endpoints.len())?;
+            Some(cloned_at(endpoints, snapshot, Some(slot)))
+        }
+        (slot, _) => Some(cloned_at(endpoints, snapshot, slot)),
+    }
+}
+
 /// Runs `pick` until it does not meet a closed endpoint (see [`avoiding`]): at most a few
 /// rounds, since each stale round moves the thread to the endpointer's newer snapshot.
 #[inline]

@@ -18,7 +18,7 @@ use std::collections::BinaryHeap;
 use std::fmt;
 use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Instance, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Instance, Snapshot, Tried};
 
 use crate::per_snapshot::PerSnapshot;
 
@@ -210,6 +210,24 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<E, Error> {
+        self.pick(None)
+            .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
+    }
+
+    /// The next endpoint in the schedule, or the next in order that has not failed in this
+    /// call (see [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+        crate::pick::until_open(
+            || self.pick(Some(&mut *tried)),
+            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
+        )
+    }
+}
+
+impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRoundRobin<E, P> {
+    /// One pick, recorded in `tried` when given (see [`crate::pick::cloned_avoiding`]).
+    #[inline(always)]
+    fn pick(&self, tried: Option<&mut Tried>) -> Option<Result<E, Error>> {
         self.cache.with(
             &self.endpointer,
             |ordinal| RrState {
@@ -226,7 +244,7 @@ where
                     state.schedule.as_deref(),
                     endpoints.len(),
                 );
-                crate::pick::cloned_at(endpoints, snapshot, slot)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
             },
         )
     }
@@ -325,6 +343,24 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<E, Error> {
+        self.pick(None)
+            .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
+    }
+
+    /// A random endpoint by weight, or the next in order that has not failed in this call
+    /// (see [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+        crate::pick::until_open(
+            || self.pick(Some(&mut *tried)),
+            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
+        )
+    }
+}
+
+impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRandom<E, P> {
+    /// One pick, recorded in `tried` when given (see [`crate::pick::cloned_avoiding`]).
+    #[inline(always)]
+    fn pick(&self, tried: Option<&mut Tried>) -> Option<Result<E, Error>> {
         self.cache.with(
             &self.endpointer,
             |ordinal| RandomState {
@@ -344,7 +380,7 @@ where
                     }
                     Some(_) => None,
                 };
-                crate::pick::cloned_at(endpoints, snapshot, slot)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
             },
         )
     }

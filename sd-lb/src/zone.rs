@@ -17,7 +17,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sd_core::{Balancer, Endpointer, Error, Snapshot};
+use sd_core::{Balancer, Endpointer, Error, Snapshot, Tried};
 
 use crate::per_snapshot::PerSnapshot;
 
@@ -157,6 +157,24 @@ where
 
     #[inline]
     fn endpoint(&self) -> Result<E, Error> {
+        self.pick(None)
+            .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
+    }
+
+    /// The next endpoint in turn (in the zone while it is preferred), or the next in order that
+    /// has not failed in this call (see [`Balancer::endpoint_avoiding`]).
+    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+        crate::pick::until_open(
+            || self.pick(Some(&mut *tried)),
+            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
+        )
+    }
+}
+
+impl<E: Clone + Send + Sync, P: Endpointer<E>> ZoneAware<E, P> {
+    /// One pick, recorded in `tried` when given (see [`crate::pick::cloned_avoiding`]).
+    #[inline(always)]
+    fn pick(&self, tried: Option<&mut Tried>) -> Option<Result<E, Error>> {
         self.cache.with(
             &self.endpointer,
             |ordinal| ZoneState {
@@ -171,7 +189,7 @@ where
                     state.group.as_deref(),
                     endpoints.len(),
                 );
-                crate::pick::cloned_at(endpoints, snapshot, slot)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
             },
         )
     }

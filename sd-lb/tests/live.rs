@@ -284,7 +284,7 @@ async fn two_threads_pick_valid_endpoints_while_the_set_changes() {
 
 /// One retried call over three instances of which two fail: the attempts never go to the same
 /// failed instance twice, so the call always succeeds by its third attempt, for round robin,
-/// random and P2C alike.
+/// random, P2C, weighted round robin, weighted random and zone preference alike.
 #[tokio::test]
 async fn a_retry_never_repeats_a_failed_instance() {
     let instances = Instances::new(["bad1", "bad2", "good"]);
@@ -335,4 +335,19 @@ async fn a_retry_never_repeats_a_failed_instance() {
     run("round robin", Owned(RoundRobin::new(endpointer.clone()))).await;
     run("random", Owned(Random::with_seed(endpointer.clone(), 5))).await;
     run("p2c", P2c::with_seed(endpointer.clone(), 6)).await;
+    run(
+        "weighted round robin",
+        Owned(sd_lb::WeightedRoundRobin::new(endpointer.clone())),
+    )
+    .await;
+    run(
+        "weighted random",
+        Owned(sd_lb::WeightedRandom::with_seed(endpointer.clone(), 7)),
+    )
+    .await;
+    run(
+        "zone aware",
+        Owned(sd_lb::ZoneAware::new(endpointer.clone(), "z")),
+    )
+    .await;
 }

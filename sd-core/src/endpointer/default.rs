@@ -78,8 +78,8 @@ impl EndpointerOptions {
     /// default: closers run as soon as the instance leaves.
     ///
     /// Calls are counted from the pick to the end of the attempt by balancers that record their
-    /// picks with [`Tried::record_in`](crate::Tried::record_in): sd-lb's round robin, random and
-    /// P2C through [`Balancer::endpoint_avoiding`](crate::Balancer::endpoint_avoiding), which
+    /// picks with [`Tried::record_in`](crate::Tried::record_in): every sd-lb balancer but
+    /// Maglev, through [`Balancer::endpoint_avoiding`](crate::Balancer::endpoint_avoiding), which
     /// `Retry` and the tower service use. A bare `endpoint()` pick is not counted. Counting costs
     /// two atomic operations per call; each removal that finds calls in flight starts one timer.
     /// Envoy's `drain_timeout` and gRPC's graceful `GOAWAY` follow the same idea.
