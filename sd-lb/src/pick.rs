@@ -100,3 +100,26 @@ pub(crate) fn until_open<R>(mut pick: impl FnMut() -> Option<R>, stale: impl FnO
     }
     stale()
 }
+
+/// `Balancer::endpoint` and `Balancer::endpoint_avoiding` of a balancer whose picks all go
+/// through one `fn pick(&self, tried: Option<&mut Tried>) -> Option<Result<E, Error>>`
+/// (recorded when given a `Tried`, see [`cloned_avoiding`]) over `self.endpointer`.
+macro_rules! endpoint_by_pick {
+    () => {
+        #[inline]
+        fn endpoint(&self) -> Result<E, Error> {
+            self.pick(None)
+                .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
+        }
+
+        /// Its own pick, or the next endpoint in order that has not failed in this call (see
+        /// [`Balancer::endpoint_avoiding`]).
+        fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+            crate::pick::until_open(
+                || self.pick(Some(&mut *tried)),
+                || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
+            )
+        }
+    };
+}
+pub(crate) use endpoint_by_pick;

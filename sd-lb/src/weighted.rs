@@ -208,20 +208,7 @@ where
 {
     type Endpoint = E;
 
-    #[inline]
-    fn endpoint(&self) -> Result<E, Error> {
-        self.pick(None)
-            .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
-    }
-
-    /// The next endpoint in the schedule, or the next in order that has not failed in this
-    /// call (see [`Balancer::endpoint_avoiding`]).
-    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        crate::pick::until_open(
-            || self.pick(Some(&mut *tried)),
-            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
-        )
-    }
+    crate::pick::endpoint_by_pick!();
 }
 
 impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRoundRobin<E, P> {
@@ -341,20 +328,7 @@ where
 {
     type Endpoint = E;
 
-    #[inline]
-    fn endpoint(&self) -> Result<E, Error> {
-        self.pick(None)
-            .unwrap_or_else(|| Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())))
-    }
-
-    /// A random endpoint by weight, or the next in order that has not failed in this call
-    /// (see [`Balancer::endpoint_avoiding`]).
-    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        crate::pick::until_open(
-            || self.pick(Some(&mut *tried)),
-            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
-        )
-    }
+    crate::pick::endpoint_by_pick!();
 }
 
 impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRandom<E, P> {
