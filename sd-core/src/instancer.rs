@@ -243,6 +243,28 @@ fn stream_of(rx: watch::Receiver<Event>) -> EventStream {
     .boxed()
 }
 
+/// An instancer owned by what follows it (an endpointer, a channel): stopped when dropped, so
+/// dropping the follower ends the watch and the backend's background work with it.
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+pub(crate) struct Owned(Box<dyn Instancer>);
+
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+impl Owned {
+    pub(crate) fn new(instancer: impl Instancer + 'static) -> Self {
+        Owned(Box::new(instancer))
+    }
+
+    pub(crate) fn get(&self) -> &dyn Instancer {
+        &*self.0
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balancer;
 mod endpointer;
@@ -55,6 +56,10 @@ pub mod testkit;
 mod discover;
 #[cfg(feature = "tower")]
 pub use discover::{discover, Discovery};
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod tonic;
 
 pub use balancer::{Balancer, Tried};
 pub use endpointer::{
