@@ -1,10 +1,12 @@
 //! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`,
-//! and the checks every duration flag goes through.
+//! the checks every duration flag goes through, and the gRPC [`greeter`].
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+pub mod greeter;
 
 use std::path::PathBuf;
 use std::time::Duration;
