@@ -19,7 +19,7 @@
 //! tonic balances with power of two choices over its connections and knows nothing of failed
 //! calls: a server that crashed without deregistering keeps getting calls until its
 //! registration expires. To steer calls around failing instances, use a [`Channel`] per
-//! instance with sd's balancers instead: [`ChannelOptions`] is a [`Factory`](crate::Factory) of
+//! instance with sd's balancers instead: [`ChannelOptions`] is a [`Factory`] of
 //! lazily connected channels for a [`DefaultEndpointer`](crate::DefaultEndpointer), under
 //! `sd_lb::RoundRobin::with_outliers` (outlier ejection) inside `sd_lb::Retry` (retries that
 //! avoid the instance that failed). The `greeter` program in `examples` shows both.
