@@ -1,15 +1,17 @@
-//! A unary gRPC call to a tonic greeter server on loopback, four ways, in one run:
+//! A unary gRPC call to a tonic greeter server on loopback, five ways, in one run:
 //!
 //! - `plain Channel`: tonic's `Channel` connected to the one server (the baseline);
 //! - `balance_channel Channel`: the channel of `sd_core::tonic::balance_channel` over a
 //!   one-instance instancer (tonic's balancer);
 //! - `balance_channel service`: the same through `handle.service()` (a state check per call);
 //! - `greeter Retry`: the `greeter` program's path: a channel per instance from a
-//!   `DefaultEndpointer`, round robin with outlier ejection, inside `Retry`.
+//!   `DefaultEndpointer`, round robin with outlier ejection, inside `Retry`;
+//! - `greeter pick, no Retry`: the same balancer's pick and a call on the picked channel,
+//!   without `Retry` (what `Retry` itself adds is the difference).
 //!
 //! Each criterion iteration calls every case in turn and times only the measured one; then a
 //! side-by-side table (printed) times every case in the same rounds, whose ratios are the
-//! figures to compare: the host's slow spells weigh on all four alike.
+//! figures to compare: the host's slow spells weigh on all of them alike.
 //!
 //! `cargo bench -p examples --bench grpc`
 
@@ -19,23 +21,24 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use examples::greeter::{GreeterClient, HelloRequest, LocalServer};
 use sd_core::tonic::{balance_channel, ChannelOptions, ChannelService};
-use sd_core::{DefaultEndpointer, EndpointerOptions, Event, Publisher};
+use sd_core::{Balancer, DefaultEndpointer, EndpointerOptions, Event, Publisher};
 use sd_lb::{Outliers, Retry, RoundRobin};
 use tonic::transport::{Channel, Endpoint};
 
 /// The cases, in the order each iteration calls them.
-const CASES: [&str; 4] = [
+const CASES: [&str; 5] = [
     "plain Channel",
     "balance_channel Channel",
     "balance_channel service",
     "greeter Retry",
+    "greeter pick, no Retry",
 ];
 
 fn request() -> HelloRequest {
     HelloRequest { name: "sd".into() }
 }
 
-/// The four ways to the server.
+/// The ways to the server.
 struct Paths {
     plain: GreeterClient<Channel>,
     channel: GreeterClient<Channel>,
@@ -50,6 +53,13 @@ impl Paths {
             0 => self.plain.say_hello(request()).await.is_ok(),
             1 => self.channel.say_hello(request()).await.is_ok(),
             2 => self.service.say_hello(request()).await.is_ok(),
+            4 => match self.retry.balancer().endpoint() {
+                Ok(channel) => GreeterClient::new(channel)
+                    .say_hello(request())
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            },
             _ => self
                 .retry
                 .call(
@@ -104,7 +114,7 @@ fn unary_call(c: &mut Criterion) {
     // Each iteration makes one call of every case, in turn, and times the measured case's
     // only: the host's drift (other builds on its two cores) then weighs on every case alike.
     let mut group = c.benchmark_group("unary call");
-    // The wall time is four times the measured time: keep the run near a minute.
+    // The wall time is five times the measured time: keep the run near a minute.
     group
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
@@ -137,7 +147,7 @@ fn unary_call(c: &mut Criterion) {
 }
 
 /// Calls every case once per round (rotating which goes first) and prints each one's median,
-/// mean and 90th percentile, and their ratios to the plain channel's: all four are measured in
+/// mean and 90th percentile, and their ratios to the plain channel's: all are measured in
 /// the same moments, so the host's slow spells (other builds on its two cores, which move
 /// criterion's separate windows by 3x and more) cancel out of the ratios.
 fn side_by_side(rt: &tokio::runtime::Runtime, paths: &mut Paths) {
