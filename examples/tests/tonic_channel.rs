@@ -409,3 +409,49 @@ async fn greeter_calls_keep_succeeding_when_a_server_crashes() {
         "the killed server's key is still registered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeter_refuses_bad_flags_a_busy_address_and_unreachable_etcd() {
+    let etcd = EtcdServer::start().await;
+    let endpoint = etcd.endpoint();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    // Nothing listens there: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable = format!("http://{closed}");
+    for (args, says) in [
+        (vec!["call", "--count", "0"], "--count 0"),
+        (vec!["call", "--every", "0s"], "--every 0s"),
+        (vec!["call", "--timeout", "400days"], "at most 365 days"),
+        (
+            vec!["serve", "--ttl", "1s", "--heartbeat", "3s"],
+            "ttl 1s must be longer than the heartbeat 3s",
+        ),
+        (
+            vec!["serve", "--etcd", &endpoint, "--addr", &busy_addr],
+            &format!("cannot listen on {busy_addr}"),
+        ),
+        (
+            vec!["call", "--etcd", &unreachable, "--dial-timeout", "300ms"],
+            "could not connect to etcd",
+        ),
+        (
+            vec!["serve", "--etcd", &unreachable, "--dial-timeout", "300ms"],
+            "could not connect to etcd",
+        ),
+    ] {
+        let out = tokio::process::Command::new(GREETER)
+            .args(&args)
+            .output()
+            .await
+            .expect("run greeter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert!(greeter_keys(&etcd).await.is_empty(), "nothing registered");
+}
