@@ -1,5 +1,6 @@
 //! What the example programs share: the etcd connection flags of go-kit's `etcdv3.ClientOptions`,
-//! the checks every duration flag goes through, and how an instance is printed.
+//! the checks every duration flag goes through, how an instance is printed, and the gRPC
+//! [`greeter`].
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]
@@ -7,6 +8,9 @@
 pub struct ReadmeDoctests;
 
 use std::net::SocketAddr;
+
+pub mod greeter;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

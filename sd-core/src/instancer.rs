@@ -88,6 +88,11 @@ impl Owned {
     pub(crate) fn new(instancer: impl Instancer + 'static) -> Self {
         Owned(Box::new(instancer))
     }
+
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn get(&self) -> &dyn Instancer {
+        &*self.0
+    }
 }
 
 impl Drop for Owned {

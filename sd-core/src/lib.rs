@@ -66,6 +66,10 @@ pub mod discover;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub use discover::{discover, discover_owning, Discovery};
 
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod tonic;
+
 pub use balancer::{Balancer, Tried};
 pub use endpointer::{
     slots, CallGuard, Calls, DefaultEndpointer, Endpointer, EndpointerOptions, FixedEndpointer,
