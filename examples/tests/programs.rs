@@ -1,11 +1,12 @@
 //! The example programs, run as a user runs them: the demo on the in-memory store and on a real
 //! etcd, and foosvc against a real etcd (registration, discovery, deregistration on signals).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::Program;
 use sd_etcd::testing::{EtcdServer, ServerOptions};
 
 /// Checks what the demo printed: calls leave a deregistered instance at once, and a crashed
@@ -100,75 +101,9 @@ async fn demo_on_etcd_moves_calls_to_the_survivors() {
     check_demo_output(&out);
 }
 
-/// A child process whose stdout lines arrive on a channel.
-struct Program {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Program {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_foosvc"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start foosvc");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Program {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line containing `needle`; panics with everything seen after 20 s.
-    fn expect_line(&mut self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "foosvc never printed {needle:?}; it printed:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal foosvc");
-    }
-
-    fn wait_success(&mut self) {
-        let status = self.child.wait().expect("wait for foosvc");
-        assert!(status.success(), "foosvc exited with {status}");
-    }
-}
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// foosvc running with `args`.
+fn foosvc(args: &[&str]) -> Program {
+    Program::start(env!("CARGO_BIN_EXE_foosvc"), args)
 }
 
 async fn foosvc_keys(etcd: &EtcdServer) -> Vec<String> {
@@ -195,7 +130,7 @@ async fn foosvc_registers_discovers_and_deregisters_on_sigterm_and_sigint() {
         ("127.0.0.1:9101", libc::SIGTERM, "SIGTERM"),
         ("127.0.0.1:9102", libc::SIGINT, "SIGINT"),
     ] {
-        let mut foo = Program::start(&[
+        let mut foo = foosvc(&[
             "--etcd",
             &endpoint,
             "--instance",
@@ -240,7 +175,7 @@ async fn foosvc_registers_and_prints_metadata() {
     let etcd = EtcdServer::start().await;
     let endpoint = etcd.endpoint();
     let mut raw = etcd.raw_client().await;
-    let mut foo = Program::start(&[
+    let mut foo = foosvc(&[
         "--etcd",
         &endpoint,
         "--instance",
@@ -589,7 +524,7 @@ async fn foosvc_serves_its_metrics_over_http() {
     }
     let port = sd_etcd::testing::free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let mut foo = Program::start(&[
+    let mut foo = foosvc(&[
         "--etcd",
         &endpoint,
         "--instance",
@@ -682,7 +617,7 @@ async fn foosvc_deregisters_then_drains_its_calls_on_sigterm() {
         ("127.0.0.1:9311", "10s", true),
         ("127.0.0.1:9312", "300ms", false),
     ] {
-        let mut foo = Program::start(&[
+        let mut foo = foosvc(&[
             "--etcd",
             &endpoint,
             "--instance",

@@ -2,10 +2,12 @@
 //! deletes, an outage and the recovery, revisions as etcd reported them), its text output, and
 //! its refusals and exit codes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use common::Program;
 
 use sd_etcd::testing::EtcdServer;
 use serde_json::{json, Value};
@@ -25,47 +27,22 @@ fn sdwatch() -> Command {
 }
 
 /// sdwatch running, its stdout lines arriving on a channel.
-struct Sdwatch {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
+struct Sdwatch(Program);
 
 impl Sdwatch {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = sdwatch()
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sdwatch");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Sdwatch {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
+        let mut cmd = sdwatch();
+        cmd.args(args).envs(env.iter().copied());
+        Sdwatch(Program::spawn(cmd, format!("sdwatch {}", args.join(" "))))
     }
 
     /// The next line; panics with everything seen if none comes within 20 s.
     fn next_line(&mut self) -> String {
-        match self.lines.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => {
-                self.seen.push(line.clone());
-                line
-            }
-            Err(_) => panic!(
-                "sdwatch printed nothing more within 20 s; it printed:\n{}",
-                self.seen.join("\n")
+        match self.0.next_line(Duration::from_secs(20)) {
+            Some(line) => line,
+            None => panic!(
+                "sdwatch's output ended; it printed:\n{}",
+                self.0.seen.join("\n")
             ),
         }
     }
@@ -84,28 +61,12 @@ impl Sdwatch {
     }
 
     fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal sdwatch");
+        self.0.signal(sig);
     }
 
     /// Waits (at most 10 s) for sdwatch to exit and returns its exit code.
     fn exit_code(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for sdwatch") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "sdwatch did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sdwatch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.exit_code(Duration::from_secs(10))
     }
 }
 
@@ -218,9 +179,9 @@ async fn json_lines_follow_puts_deletes_and_an_outage() {
     w.signal(libc::SIGTERM);
     assert_eq!(w.exit_code(), Some(0), "SIGTERM ends sdwatch cleanly");
     assert!(
-        !w.seen.iter().any(|l| l.contains("9999")),
+        !w.0.seen.iter().any(|l| l.contains("9999")),
         "a neighbouring prefix shown: {:?}",
-        w.seen
+        w.0.seen
     );
 }
 

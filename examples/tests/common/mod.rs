@@ -1,6 +1,8 @@
 //! Running the example programs as a user does: a child process whose stdout lines arrive on
 //! a channel, read with a deadline.
 
+#![allow(dead_code)] // each test binary uses a part
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -18,12 +20,18 @@ pub struct Program {
 impl Program {
     /// Starts `binary` with `args`, stdout piped to us, stderr to the test's.
     pub fn start(binary: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
+        Self::spawn(cmd, format!("{binary} {}", args.join(" ")))
+    }
+
+    /// Starts `cmd` (for a test that sets its environment too), called `name` in failures.
+    pub fn spawn(mut cmd: Command, name: String) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -34,7 +42,7 @@ impl Program {
             }
         });
         Program {
-            name: format!("{binary} {}", args.join(" ")),
+            name,
             child,
             lines,
             seen: Vec::new(),
@@ -84,6 +92,23 @@ impl Program {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {}", self.name);
+    }
+
+    /// Waits for the program to exit and asserts that it succeeded.
+    pub fn wait_success(&mut self) {
+        assert!(self.wait(), "{} failed", self.name);
+    }
+
+    /// Waits at most `within` for the program to exit; returns its exit code.
+    pub fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the program") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits for the program to exit; returns whether it succeeded.
