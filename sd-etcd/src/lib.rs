@@ -64,6 +64,7 @@ pub mod metrics;
 mod metrics;
 
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use client::{Client, Header, KeyValue, WatchBatch, WatchEvent, WatchStream};
