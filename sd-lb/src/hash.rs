@@ -428,27 +428,13 @@ impl<E> std::ops::Deref for Held<E> {
     }
 }
 
-/// The picked endpoint's service (feature `tower`), by delegation. Keep the guard until the
-/// response ends ([`Balanced`](crate::tower::Balanced) does) for the call to count against the
-/// load bound.
 #[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-impl<E: tower::Service<Req>, Req> tower::Service<Req> for Held<E> {
-    type Response = E::Response;
-    type Error = E::Error;
-    type Future = E::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), E::Error>> {
-        self.endpoint.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> E::Future {
-        self.endpoint.call(req)
-    }
-}
+crate::tower::service_of_guard!(
+    Held,
+    "The picked endpoint's service (feature `tower`), by delegation. Keep the guard until the \
+     response ends ([`Balanced`](crate::tower::Balanced) does) for the call to count against \
+     the load bound."
+);
 
 impl<E> Drop for Held<E> {
     fn drop(&mut self) {

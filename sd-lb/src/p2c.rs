@@ -622,26 +622,13 @@ impl<E> Deref for InFlight<E> {
     }
 }
 
-/// The picked endpoint's service (feature `tower`), by delegation. Keep the guard until the
-/// response ends ([`Balanced`](crate::tower::Balanced) does) for the call to count as in flight.
 #[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-impl<E: tower::Service<Req>, Req> tower::Service<Req> for InFlight<E> {
-    type Response = E::Response;
-    type Error = E::Error;
-    type Future = E::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), E::Error>> {
-        self.endpoint.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> E::Future {
-        self.endpoint.call(req)
-    }
-}
+crate::tower::service_of_guard!(
+    InFlight,
+    "The picked endpoint's service (feature `tower`), by delegation. Keep the guard until the \
+     response ends ([`Balanced`](crate::tower::Balanced) does) for the call to count as in \
+     flight."
+);
 
 impl<E: fmt::Debug> fmt::Debug for InFlight<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -65,6 +65,32 @@ mod retry_service;
 pub use balanced::{BalanceLayer, Balanced};
 pub use retry_service::RetryService;
 
+/// `tower::Service` for a pick guard (P2C's `InFlight`, Maglev's `Held`), by delegation to
+/// the endpoint it holds: the guard lives as long as the call through it.
+macro_rules! service_of_guard {
+    ($guard:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+        impl<E: ::tower::Service<Req>, Req> ::tower::Service<Req> for $guard<E> {
+            type Response = E::Response;
+            type Error = E::Error;
+            type Future = E::Future;
+
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), E::Error>> {
+                self.endpoint.poll_ready(cx)
+            }
+
+            fn call(&mut self, req: Req) -> E::Future {
+                self.endpoint.call(req)
+            }
+        }
+    };
+}
+pub(crate) use service_of_guard;
+
 use std::future::poll_fn;
 
 /// Waits until `service` is ready, then calls it with `req`.
