@@ -123,3 +123,25 @@ macro_rules! endpoint_by_pick {
     };
 }
 pub(crate) use endpoint_by_pick;
+
+/// `Balancer::endpoint_avoiding` of a balancer that picks through `self.with` (its thread
+/// cache) and `self.next_slot` (its own draw, past ejected and warming instances): round robin
+/// and random, whose `endpoint` stays their own hand-tuned pick.
+macro_rules! endpoint_avoiding_by_next_slot {
+    () => {
+        /// Its own next slot, or the next endpoint in order that has not failed in this call
+        /// (see [`Balancer::endpoint_avoiding`]).
+        fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
+            crate::pick::until_open(
+                || {
+                    self.with(|endpoints, snapshot, state| {
+                        let slot = self.next_slot(state, endpoints.len());
+                        crate::pick::cloned_avoiding(endpoints, snapshot, slot, Some(&mut *tried))
+                    })
+                },
+                || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
+            )
+        }
+    };
+}
+pub(crate) use endpoint_avoiding_by_next_slot;

@@ -173,23 +173,7 @@ where
         )
     }
 
-    /// A random endpoint that has not failed in this call (see
-    /// [`Balancer::endpoint_avoiding`]).
-    fn endpoint_avoiding(&self, tried: &mut Tried) -> Result<E, Error> {
-        crate::pick::until_open(
-            || {
-                self.with(|endpoints, snapshot, state| {
-                    let n = endpoints.len();
-                    let Some(slot) = self.next_slot(state, n) else {
-                        return Some(Err(crate::metrics::no_endpoint(snapshot)));
-                    };
-                    let slot = crate::pick::avoiding(tried, snapshot, slot, n)?;
-                    Some(crate::pick::cloned_at(endpoints, snapshot, Some(slot)))
-                })
-            },
-            || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),
-        )
-    }
+    crate::pick::endpoint_avoiding_by_next_slot!();
 
     /// Passes the outcome to the outlier detection, if any.
     fn report(&self, tried: &Tried, ok: bool) {
