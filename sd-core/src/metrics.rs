@@ -86,37 +86,14 @@ impl EndpointerMetrics {
 
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use metrics_util::debugging::DebuggingRecorder;
+    use sd_test_metrics::deltas;
 
     use crate::{
         endpoint_fn, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event, Publisher,
     };
-
-    /// What changed since the last call, as `name{label=value}` → value (the recorder hands out
-    /// counters' increments since its last snapshot, and a gauge's value if it was set).
-    fn deltas(snapshotter: &Snapshotter) -> BTreeMap<String, f64> {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| {
-                let key = key.key();
-                let labels: Vec<String> = key
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                let name = format!("{}{{{}}}", key.name(), labels.join(","));
-                match value {
-                    DebugValue::Counter(n) => Some((name, n as f64)),
-                    DebugValue::Gauge(g) => Some((name, g.into_inner())),
-                    DebugValue::Histogram(_) => None,
-                }
-            })
-            .collect()
-    }
 
     /// Each endpointer's metrics carry its name (`default` without one); the gauge follows the
     /// set, the counter counts endpoints added and removed, and `invalidate_on_error` dropping

@@ -153,41 +153,18 @@ impl LeaseMetrics {
 
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
     use futures::StreamExt;
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use metrics_util::debugging::DebuggingRecorder;
     use sd_core::{Event, Instancer, Registrar, Service, TtlOption};
+    use sd_test_metrics::deltas;
 
     use crate::{
         Error, EtcdInstancer, EtcdRegistrar, Header, KeyValue, MockClient, WatchBatch, WatchEvent,
     };
-
-    /// What changed since the last call, as `name{label=value}` → value (the recorder hands out
-    /// counters' increments since its last snapshot, and a gauge's value if it was set).
-    fn deltas(snapshotter: &Snapshotter) -> BTreeMap<String, f64> {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| {
-                let key = key.key();
-                let labels: Vec<String> = key
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                let name = format!("{}{{{}}}", key.name(), labels.join(","));
-                match value {
-                    DebugValue::Counter(n) => Some((name, n as f64)),
-                    DebugValue::Gauge(g) => Some((name, g.into_inner())),
-                    DebugValue::Histogram(_) => None,
-                }
-            })
-            .collect()
-    }
 
     fn header(revision: i64) -> Header {
         Header {

@@ -209,8 +209,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
     use sd_core::FixedEndpointer;
+    use sd_test_metrics::deltas;
 
     use crate::{decide_with, Decision, Outliers, Retry, RetryBudget, RoundRobin};
 
@@ -226,27 +227,6 @@ mod tests {
             *totals.entry(name).or_insert(0.0) += delta;
         }
         totals.clone()
-    }
-
-    fn deltas(snapshotter: &Snapshotter) -> Vec<(String, f64)> {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| {
-                let key = key.key();
-                let labels: Vec<String> = key
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                let name = format!("{}{{{}}}", key.name(), labels.join(","));
-                match value {
-                    DebugValue::Counter(n) => Some((name, n as f64)),
-                    DebugValue::Gauge(g) => Some((name, g.into_inner())),
-                    DebugValue::Histogram(_) => None,
-                }
-            })
-            .collect()
     }
 
     fn get(values: &BTreeMap<String, f64>, name: &str) -> f64 {
