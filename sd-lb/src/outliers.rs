@@ -6,13 +6,15 @@
 //! `consecutive_failures` times in a row (default 5) is *ejected*: it gets no picks for
 //! `base_ejection` × the number of times it has been ejected (default 30 s, at most
 //! `max_ejection`, default 300 s). When that time is over, one call goes to it (the *probe*) and
-//! decides: success restores it, failure ejects it again for longer. No more than
+//! decides: success restores it, failure ejects it again for longer (outcomes of calls picked
+//! before the ejection that arrive during it decide nothing). No more than
 //! `max_ejection_percent` of the set (default 50 %) is ejected at once, so a widespread failure
 //! does not leave the rest overloaded; and when every instance is ejected, picks go to all of
 //! them as if none were (panic mode).
 //!
 //! State belongs to the instance (its stored value) and lasts while the instance is in the set:
-//! one that leaves and comes back starts clean.
+//! one that leaves and comes back starts clean. A retry steps past ejected instances too: after
+//! a failure it goes to an untried instance in service while there is one.
 //!
 //! **Slow start** ([`Outliers::slow_start`], off by default; 30 s is typical), after Envoy's
 //! `slow_start_config`: an instance that joins the set after the first one a balancer saw gets a
@@ -30,8 +32,9 @@
 //! slot no longer names the same instance).
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sd_core::{Error, Instance, Snapshot, Tried};
@@ -59,9 +62,9 @@ pub struct Outliers {
     max: Duration,
     max_percent: usize,
     epoch: Instant,
-    /// Every instance's health, by instance and by occurrence of the instance in its set (a
-    /// fixed list names every endpoint alike).
-    known: Mutex<HashMap<HostKey, Weak<Host>>>,
+    /// The health of the instances of the newest set a table was built for, by instance and
+    /// by occurrence of the instance in its set (a fixed list names every endpoint alike).
+    known: Mutex<Known>,
     counts: Arc<Counts>,
     tables: PerSnapshot<Arc<[Arc<Host>]>>,
     listener: Option<Box<Listener>>,
@@ -96,6 +99,15 @@ type Listener = dyn Fn(&Instance, &HealthChange) + Send + Sync;
 
 /// An instance and which occurrence of it in its set (a fixed list names every endpoint alike).
 pub(crate) type HostKey = (Instance, usize);
+
+/// The instances of the newest set (by snapshot version) a table was built for. Membership is
+/// decided here, not by whether some thread's older table still holds an instance: one that
+/// left this set has left, whatever stale tables remain.
+#[derive(Default)]
+struct Known {
+    version: Option<u64>,
+    hosts: HashMap<HostKey, Arc<Host>>,
+}
 
 /// What [`Outliers::on_change`] is told.
 ///
@@ -137,23 +149,35 @@ pub(crate) struct Host {
     /// Milliseconds since the epoch when slow start began for it; 0 when warm.
     since: AtomicU64,
     /// Taken out by active health checks: only they bring it back.
-    checked_out: std::sync::atomic::AtomicBool,
+    checked_out: AtomicBool,
+    /// A probe is out: the next outcome reported while ejected is its own and decides.
+    probing: AtomicBool,
+    /// Left the set: outcomes from picks through older tables are ignored.
+    left: AtomicBool,
     counts: Arc<Counts>,
     ejected_gauge: EjectedGauge,
     instance: Instance,
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        // An instance that leaves the set while ejected no longer counts against the cap, nor,
-        // while warming, as warming.
-        if *self.until.get_mut() != 0 {
+impl Host {
+    /// The instance left the set: it no longer counts against the cap while ejected, nor as
+    /// warming while warming, and outcomes still reported for it are ignored.
+    fn leave(&self) {
+        self.left.store(true, Ordering::Relaxed);
+        if self.until.swap(0, Ordering::Relaxed) != 0 {
             self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
             self.ejected_gauge.add(-1.0);
         }
-        if *self.since.get_mut() != 0 {
+        if self.since.swap(0, Ordering::Relaxed) != 0 {
             self.counts.warming.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Whatever an outcome through a stale table did after `leave`.
+        self.leave();
     }
 }
 
@@ -395,8 +419,9 @@ impl Outliers {
             .known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .hosts
             .get(&(instance.clone(), 0))
-            .and_then(Weak::upgrade);
+            .cloned();
         if let Some(host) = host {
             self.record(&host, ok, self.last_n.load(Ordering::Relaxed));
         }
@@ -413,50 +438,73 @@ impl Outliers {
 
     fn now_ms(&self) -> u64 {
         // Offset by one: `until` 0 means "in service".
-        self.epoch.elapsed().as_millis() as u64 + 1
+        millis(self.epoch.elapsed()).saturating_add(1)
+    }
+
+    /// The time `length` from now (never 0; saturating for very long ejections).
+    fn deadline(&self, length: Duration) -> u64 {
+        self.now_ms().saturating_add(millis(length))
     }
 
     /// The health of each of `snapshot`'s endpoints, in slot order (built once per snapshot).
+    /// An instance of the previous set keeps its health; a new one starts clean (warming, with
+    /// slow start on, unless it is in the first set); one that left is let go.
     pub(crate) fn table<E>(&self, snapshot: &Snapshot<E>) -> Arc<[Arc<Host>]> {
         self.tables.get(snapshot, || {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            // A table for a snapshot older than the newest one seen (a thread that loaded it
+            // before another moved on) reuses what it finds, but decides no membership.
+            let newest = known.version.is_none_or(|v| snapshot.version() >= v);
             let unnamed = Instance::new("");
             let mut occurrences: HashMap<&Instance, usize> = HashMap::new();
             // The first set's instances are warm; later ones warm up (with slow start on).
             let warm_up = self.slow_start.filter(|s| s.window_ms > 0).is_some()
-                && self.seen_a_set.swap(true, Ordering::Relaxed);
+                && (!newest || self.seen_a_set.swap(true, Ordering::Relaxed));
             let now = if warm_up { self.now_ms() } else { 0 };
+            let mut hosts = HashMap::with_capacity(snapshot.endpoints().len());
             let table: Arc<[Arc<Host>]> = (0..snapshot.endpoints().len())
                 .map(|i| {
                     let instance = snapshot.instances().get(i).unwrap_or(&unnamed);
                     let seen = occurrences.entry(instance).or_insert(0);
                     let key = (instance.clone(), *seen);
                     *seen += 1;
-                    match known.get(&key).and_then(Weak::upgrade) {
-                        Some(host) => host,
+                    let host = match known.hosts.get(&key) {
+                        Some(host) => host.clone(),
                         None => {
-                            let host = Arc::new(Host {
+                            if warm_up {
+                                self.counts.warming.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Arc::new(Host {
                                 fails: AtomicU32::new(0),
                                 window: AtomicU64::new(0),
                                 until: AtomicU64::new(0),
                                 times: AtomicU32::new(0),
                                 since: AtomicU64::new(now),
-                                checked_out: Default::default(),
+                                checked_out: AtomicBool::new(false),
+                                probing: AtomicBool::new(false),
+                                left: AtomicBool::new(false),
                                 counts: self.counts.clone(),
                                 ejected_gauge: self.metrics.gauge(),
                                 instance: instance.clone(),
-                            });
-                            if warm_up {
-                                self.counts.warming.fetch_add(1, Ordering::Relaxed);
-                            }
-                            known.insert(key, Arc::downgrade(&host));
-                            host
+                            })
                         }
+                    };
+                    if newest {
+                        hosts.insert(key, host.clone());
                     }
+                    host
                 })
                 .collect();
-            known.retain(|_, h| h.strong_count() > 0);
-            self.last_n.store(table.len(), Ordering::Relaxed);
+            if newest {
+                let old = std::mem::replace(&mut known.hosts, hosts);
+                for (key, host) in old {
+                    if !known.hosts.contains_key(&key) {
+                        host.leave();
+                    }
+                }
+                known.version = Some(snapshot.version());
+                self.last_n.store(table.len(), Ordering::Relaxed);
+            }
             table
         })
     }
@@ -518,41 +566,40 @@ impl Outliers {
         if now < until {
             return false;
         }
-        let next = now + self.base.as_millis() as u64;
-        host.until
+        let next = self.deadline(self.base);
+        let won = host
+            .until
             .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+            .is_ok();
+        if won {
+            host.probing.store(true, Ordering::Relaxed);
+        }
+        won
     }
 
     /// An outcome of a call to `host`, one of `n` instances in the set.
     pub(crate) fn record(&self, host: &Host, ok: bool, n: usize) {
-        if host.checked_out.load(Ordering::Relaxed) {
-            // Out by active checks: calls (probes cannot reach it) neither restore nor extend.
+        if host.left.load(Ordering::Relaxed) || host.checked_out.load(Ordering::Relaxed) {
+            // Gone from the set, or out by active checks (calls neither restore nor extend).
             return;
         }
-        let ejected = host.until.load(Ordering::Relaxed) != 0;
-        let too_often = !ejected && self.window_says_eject(host, ok);
+        let until = host.until.load(Ordering::Relaxed);
+        if until != 0 {
+            // Ejected: only the probe's outcome decides. Outcomes of calls picked before the
+            // ejection, arriving late, are dropped.
+            if host.probing.swap(false, Ordering::Relaxed) {
+                self.probed(host, ok, until);
+            }
+            return;
+        }
+        let too_often = self.window_says_eject(host, ok);
         if ok {
             if host.fails.load(Ordering::Relaxed) != 0 {
                 host.fails.store(0, Ordering::Relaxed);
             }
-            if ejected && host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.restored();
-                tracing::info!(instance = %host.instance, "restored: the probe succeeded");
-                self.tell(host, HealthChange::Restored);
-            }
             if too_often {
                 self.try_eject(host, n, EjectedBy::Rate);
             }
-            return;
-        }
-        if ejected {
-            // The probe (or a call from before the ejection) failed: eject again, longer.
-            let (times, duration) = self.eject_for(host);
-            self.metrics.ejected(EjectedBy::Probe, false);
-            tracing::debug!(instance = %host.instance, times, "ejected again: the probe failed");
-            self.tell(host, HealthChange::Ejected { times, duration });
             return;
         }
         let fails = host.fails.fetch_add(1, Ordering::Relaxed) + 1;
@@ -560,6 +607,27 @@ impl Outliers {
             self.try_eject(host, n, EjectedBy::Consecutive);
         } else if too_often {
             self.try_eject(host, n, EjectedBy::Rate);
+        }
+    }
+
+    /// The probe's outcome for ejected `host` (ejected until `until` when read): success
+    /// restores it, failure ejects it again, longer.
+    #[cold]
+    fn probed(&self, host: &Host, ok: bool, until: u64) {
+        if ok {
+            host.fails.store(0, Ordering::Relaxed);
+            if host.until.swap(0, Ordering::Relaxed) != 0 {
+                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.restored();
+                tracing::info!(instance = %host.instance, "restored: the probe succeeded");
+                self.tell(host, HealthChange::Restored);
+            }
+            return;
+        }
+        if let Some((times, duration)) = self.eject_from(host, until) {
+            self.metrics.ejected(EjectedBy::Probe, false);
+            tracing::debug!(instance = %host.instance, times, "ejected again: the probe failed");
+            self.tell(host, HealthChange::Ejected { times, duration });
         }
     }
 
@@ -589,8 +657,9 @@ impl Outliers {
     pub(crate) fn live(&self) -> (Vec<(HostKey, Arc<Host>)>, usize) {
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let hosts = known
+            .hosts
             .iter()
-            .filter_map(|(k, h)| h.upgrade().map(|h| (k.clone(), h)))
+            .map(|(k, h)| (k.clone(), h.clone()))
             .collect();
         (hosts, self.last_n.load(Ordering::Relaxed))
     }
@@ -601,14 +670,28 @@ impl Outliers {
         if host.checked_out.load(Ordering::Relaxed) {
             return true;
         }
-        // Already ejected by its calls: it counts against the cap once.
-        let newly = host.until.load(Ordering::Relaxed) == 0;
-        if newly && !self.take_cap(n) {
+        if host.left.load(Ordering::Relaxed) {
             return false;
         }
-        self.metrics.ejected(EjectedBy::Check, newly);
+        // Out until the checks pass: `until` at its largest, taken from whatever it was. One
+        // already ejected by its calls counts against the cap once.
+        let newly = loop {
+            let until = host.until.load(Ordering::Relaxed);
+            let newly = until == 0;
+            if newly && !self.take_cap(n) {
+                return false;
+            }
+            match host
+                .until
+                .compare_exchange(until, u64::MAX, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break newly,
+                Err(_) if newly => self.give_back_cap(),
+                Err(_) => {}
+            }
+        };
         host.checked_out.store(true, Ordering::Relaxed);
-        host.until.store(u64::MAX, Ordering::Relaxed);
+        self.metrics.ejected(EjectedBy::Check, newly);
         tracing::warn!(instance = %host.instance, failures, "out of service: active health checks failed");
         self.tell(host, HealthChange::Unhealthy { failures });
         true
@@ -631,7 +714,9 @@ impl Outliers {
     /// Counts one more instance out, unless that would put more than `max_ejection_percent` of
     /// the `n` instances out at once.
     fn take_cap(&self, n: usize) -> bool {
-        let allowed = |current: usize| (current + 1) * 100 <= self.max_percent * n;
+        let allowed = |current: usize| {
+            current.saturating_add(1).saturating_mul(100) <= self.max_percent.saturating_mul(n)
+        };
         self.counts
             .ejected
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
@@ -640,15 +725,23 @@ impl Outliers {
             .is_ok()
     }
 
+    /// Undoes a [`take_cap`](Self::take_cap) whose instance another thread took out first.
+    fn give_back_cap(&self) {
+        self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Ejects `host` for what `by` saw, unless that would put more than `max_ejection_percent`
-    /// of the `n` instances out at once.
+    /// of the `n` instances out at once, or another thread ejected it first.
     fn try_eject(&self, host: &Host, n: usize, by: EjectedBy) {
-        if !self.take_cap(n) {
+        if host.until.load(Ordering::Relaxed) != 0 || !self.take_cap(n) {
             return;
         }
+        let Some((times, duration)) = self.eject_from(host, 0) else {
+            self.give_back_cap();
+            return;
+        };
         host.fails.store(0, Ordering::Relaxed);
         host.window.store(0, Ordering::Relaxed);
-        let (times, duration) = self.eject_for(host);
         self.metrics.ejected(by, true);
         let why = match by {
             EjectedBy::Rate => "too many of its calls failed",
@@ -658,14 +751,27 @@ impl Outliers {
         self.tell(host, HealthChange::Ejected { times, duration });
     }
 
-    /// Ejects `host` (again) for base × times ejected, capped; returns the times and length.
-    fn eject_for(&self, host: &Host) -> (u32, Duration) {
-        let times = host.times.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Ejects `host` (again) for base × times ejected, capped, if its `until` is still `from`
+    /// (one thread ejects it, however many saw its failures); returns the times and length.
+    fn eject_from(&self, host: &Host, from: u64) -> Option<(u32, Duration)> {
+        let times = host.times.load(Ordering::Relaxed).saturating_add(1);
         let length = self.base.saturating_mul(times).min(self.max);
         host.until
-            .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
-        (times, length)
+            .compare_exchange(
+                from,
+                self.deadline(length),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        host.times.store(times, Ordering::Relaxed);
+        Some((times, length))
     }
+}
+
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl std::fmt::Debug for Outliers {
@@ -717,6 +823,18 @@ impl Health {
                 _ => slot,
             },
             _ => slot,
+        }
+    }
+
+    /// Whether the instance at `slot` is ejected and not due for its probe (a retry steers
+    /// past it while it can).
+    #[inline]
+    pub(crate) fn shut_at(&self, hosts: &[Arc<Host>], slot: usize) -> bool {
+        match &self.0 {
+            Some(outliers) if !outliers.quiet() => {
+                hosts.get(slot).is_some_and(|h| outliers.shut(h))
+            }
+            _ => false,
         }
     }
 

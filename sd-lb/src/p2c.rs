@@ -443,7 +443,9 @@ where
                         return Some(Err(crate::metrics::no_endpoint(snapshot)));
                     }
                     let i = self.admitted(local, n);
-                    let i = crate::pick::avoiding(tried, snapshot, i, n)?;
+                    let i = crate::pick::avoiding(tried, snapshot, i, n, |s| {
+                        self.health.shut_at(&local.hosts, s)
+                    })?;
                     Some(guard_at(endpoints, &local.loads, snapshot, i))
                 })
             },

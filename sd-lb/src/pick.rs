@@ -47,7 +47,8 @@ pub(crate) fn cloned_at<E: Clone>(
 }
 
 /// For a retry: `slot` if it did not fail in this call, else the next slot in order (wrapping)
-/// of the `n` that did not; `slot` itself when all have failed. Records the result in `tried`
+/// of the `n` that did not and is not `shut` (ejected), else the next that did not fail; `slot`
+/// itself when all have failed. Records the result in `tried`
 /// (counting a call in flight when the endpointer drains); `None` when the chosen endpoint was
 /// already closed, which happens only to a pick from a snapshot older than the endpoint's
 /// removal: pick again (the endpointer's version has moved, so the next pick refreshes).
@@ -57,12 +58,18 @@ pub(crate) fn avoiding<E>(
     snapshot: &Snapshot<E>,
     slot: usize,
     n: usize,
+    shut: impl Fn(usize) -> bool,
 ) -> Option<usize> {
     let version = snapshot.version();
     let chosen = if tried.any(version) && tried.avoids(version, slot) {
-        (1..n)
-            .map(|k| (slot + k) % n)
-            .find(|&s| !tried.avoids(version, s))
+        let untried = || {
+            (1..n)
+                .map(|k| (slot + k) % n)
+                .filter(|&s| !tried.avoids(version, s))
+        };
+        untried()
+            .find(|&s| !shut(s))
+            .or_else(|| untried().next())
             .unwrap_or(slot)
     } else {
         slot
@@ -71,18 +78,20 @@ pub(crate) fn avoiding<E>(
 }
 
 /// The endpoint at `slot` for a pick that may be recorded: with `tried` (a retry's pick),
-/// steered past the slots that failed in the call and recorded (see [`avoiding`]; `None` when
-/// it met an endpoint closed under a stale snapshot); without, as [`cloned_at`].
+/// steered past the slots that failed in the call, and if it can past those `shut`, and
+/// recorded (see [`avoiding`]; `None` when it met an endpoint closed under a stale snapshot);
+/// without, as [`cloned_at`].
 #[inline(always)]
 pub(crate) fn cloned_avoiding<E: Clone>(
     endpoints: &Slots<E>,
     snapshot: &Snapshot<E>,
     slot: Option<usize>,
     tried: Option<&mut Tried>,
+    shut: impl Fn(usize) -> bool,
 ) -> Option<Result<E, Error>> {
     match (slot, tried) {
         (Some(slot), Some(tried)) => {
-            let slot = avoiding(tried, snapshot, slot, endpoints.len())?;
+            let slot = avoiding(tried, snapshot, slot, endpoints.len(), shut)?;
             Some(cloned_at(endpoints, snapshot, Some(slot)))
         }
         (slot, _) => Some(cloned_at(endpoints, snapshot, slot)),
@@ -136,7 +145,13 @@ macro_rules! endpoint_avoiding_by_next_slot {
                 || {
                     self.with(|endpoints, snapshot, state| {
                         let slot = self.next_slot(state, endpoints.len());
-                        crate::pick::cloned_avoiding(endpoints, snapshot, slot, Some(&mut *tried))
+                        crate::pick::cloned_avoiding(
+                            endpoints,
+                            snapshot,
+                            slot,
+                            Some(&mut *tried),
+                            |s| self.health.shut_at(&state.hosts, s),
+                        )
                     })
                 },
                 || Err(crate::metrics::no_endpoint(&self.endpointer.snapshot())),

@@ -231,7 +231,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRoundRobin<E, P> {
                     state.schedule.as_deref(),
                     endpoints.len(),
                 );
-                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried, |_| false)
             },
         )
     }
@@ -354,7 +354,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> WeightedRandom<E, P> {
                     }
                     Some(_) => None,
                 };
-                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried, |_| false)
             },
         )
     }

@@ -176,7 +176,7 @@ impl<E: Clone + Send + Sync, P: Endpointer<E>> ZoneAware<E, P> {
                     state.group.as_deref(),
                     endpoints.len(),
                 );
-                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried)
+                crate::pick::cloned_avoiding(endpoints, snapshot, slot, tried, |_| false)
             },
         )
     }

@@ -223,3 +223,130 @@ fn a_fixed_lists_endpoints_each_have_their_own_health() {
     let picks: Vec<&str> = (0..30).map(|_| rr.endpoint().unwrap()).collect();
     assert!(!picks.contains(&"b") && picks.contains(&"a"), "{picks:?}");
 }
+
+/// Outcomes of calls picked before an ejection that arrive after it (a late success, a late
+/// failure) decide nothing: the instance stays out for its whole ejection, and only the probe
+/// when it ends restores it.
+#[tokio::test(start_paused = true)]
+async fn late_outcomes_of_calls_from_before_an_ejection_decide_nothing() {
+    use sd_core::{Balancer, Instance};
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new().consecutive_failures(1).unwrap());
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    rr.endpoint().unwrap();
+    let i2 = Instance::new("i2");
+    outliers.report(&i2, false);
+    assert_eq!(outliers.ejected(), 1);
+    // Calls that were in flight when it was ejected end now, some well, some not.
+    for ok in [true, false, true, true] {
+        outliers.report(&i2, ok);
+    }
+    assert_eq!(outliers.ejected(), 1, "a late outcome decided");
+    let picks: Vec<String> = (0..40).map(|_| rr.endpoint().unwrap()).collect();
+    assert!(!picks.iter().any(|p| p == "i2"), "{picks:?}");
+    // Its first ejection (30 s) ends: one probe, whose success restores it.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let picks: Vec<String> = (0..8).map(|_| rr.endpoint().unwrap()).collect();
+    assert_eq!(picks.iter().filter(|p| *p == "i2").count(), 1, "{picks:?}");
+    outliers.report(&i2, true);
+    assert_eq!(outliers.ejected(), 0);
+}
+
+/// Many calls to one instance failing at once eject it once: it counts once against the cap,
+/// and its restoration brings the count back to zero.
+#[test]
+fn failures_reported_at_once_from_many_threads_eject_once() {
+    use sd_core::{Balancer, FixedEndpointer, Instance};
+    for round in 0..500 {
+        let outliers = Arc::new(
+            Outliers::new()
+                .consecutive_failures(1)
+                .unwrap()
+                .max_ejection_percent(100)
+                .unwrap(),
+        );
+        let rr =
+            RoundRobin::new(FixedEndpointer::new(vec!["a", "b"])).with_outliers(outliers.clone());
+        rr.endpoint().unwrap();
+        let start = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    start.wait();
+                    // A fixed list's endpoints are unnamed: the first is `("", 0)`.
+                    outliers.report(&Instance::new(""), false);
+                });
+            }
+        });
+        assert_eq!(outliers.ejected(), 1, "round {round}");
+    }
+}
+
+/// Health belongs to the newest set: an instance that leaves while ejected stops counting
+/// against the cap, and comes back clean, even while another thread's cache still holds the
+/// table of the set it left.
+#[tokio::test(start_paused = true)]
+async fn an_instance_leaving_is_let_go_even_while_a_thread_holds_its_old_table() {
+    use sd_core::{Balancer, Instance};
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new().consecutive_failures(1).unwrap());
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    // This thread picks once, then never again: its cache keeps the first set's table.
+    rr.endpoint().unwrap();
+    let on_another_thread =
+        |f: &(dyn Fn() + Sync)| std::thread::scope(|s| s.spawn(f).join().unwrap());
+    on_another_thread(&|| {
+        rr.endpoint().unwrap();
+        outliers.report(&Instance::new("i2"), false);
+    });
+    assert_eq!(outliers.ejected(), 1);
+
+    let v = endpointer.version();
+    instances.set(["i0", "i1", "i3"]);
+    common::changed(&*endpointer, v).await;
+    on_another_thread(&|| {
+        rr.endpoint().unwrap();
+    });
+    assert_eq!(
+        outliers.ejected(),
+        0,
+        "i2 left, yet still counts as ejected"
+    );
+
+    let v = endpointer.version();
+    instances.set(["i0", "i1", "i2", "i3"]);
+    common::changed(&*endpointer, v).await;
+    on_another_thread(&|| {
+        let picks: Vec<String> = (0..8).map(|_| rr.endpoint().unwrap()).collect();
+        assert_eq!(picks.iter().filter(|p| *p == "i2").count(), 2, "{picks:?}");
+    });
+    assert_eq!(outliers.ejected(), 0);
+}
+
+/// A retry steps past an ejected instance too: when its draw lands on the instance that just
+/// failed, the next one tried is an untried one in service, not the ejected one.
+#[tokio::test(start_paused = true)]
+async fn a_retry_does_not_step_onto_an_ejected_instance() {
+    use sd_core::{Balancer, Instance};
+    let instances = Instances::new(["a-failing", "b-ejected", "c-good"]);
+    let endpointer = Arc::new(instances.strings().await);
+    // One of three may be out: b, so a (failing every call) stays in.
+    let outliers = Arc::new(
+        Outliers::new()
+            .consecutive_failures(1)
+            .unwrap()
+            .max_ejection_percent(34)
+            .unwrap(),
+    );
+    let random = Random::new(endpointer.clone()).with_outliers(outliers.clone());
+    random.endpoint().unwrap();
+    outliers.report(&Instance::new("b-ejected"), false);
+    assert_eq!(outliers.ejected(), 1);
+    let retry = Retry::new(Owned(random), 2, Duration::from_secs(1)).unwrap();
+    let picks = calls(&retry, 300, &|e| e == "a-failing").await;
+    assert_eq!(outliers.ejected(), 1, "the cap holds a in service");
+    assert!(picks.iter().any(|p| p == "a-failing"), "{picks:?}");
+    assert!(!picks.iter().any(|p| p == "b-ejected"), "{picks:?}");
+}
