@@ -7,7 +7,9 @@
 //! timeout (default the interval, at most 2 s) has failed. An instance taken out counts against
 //! [`Outliers::max_ejection_percent`] like an ejected one, and calls neither restore it nor
 //! extend its time out: only its checks decide. The instances checked are those of the sets the
-//! balancers sharing the [`Outliers`] pick from.
+//! balancers sharing the [`Outliers`] pick from. When the checks stop (their [`HealthChecks`]
+//! handle is dropped), the instances they took out are back in service: nothing else would
+//! bring them back. A `check` that panics has failed.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -35,7 +37,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sd_core::{Error, Instance};
@@ -161,11 +164,16 @@ impl ActiveChecks {
 #[derive(Debug)]
 pub struct HealthChecks {
     task: JoinHandle<()>,
+    outliers: Weak<Outliers>,
 }
 
 impl Drop for HealthChecks {
     fn drop(&mut self) {
         self.task.abort();
+        // Only checks bring back what checks took out.
+        if let Some(outliers) = self.outliers.upgrade() {
+            outliers.checks_stopped();
+        }
     }
 }
 
@@ -220,7 +228,10 @@ impl Outliers {
             }
             .instrument(span),
         );
-        Ok(HealthChecks { task })
+        Ok(HealthChecks {
+            task,
+            outliers: Arc::downgrade(self),
+        })
     }
 }
 
@@ -240,12 +251,16 @@ async fn round<C, Fut>(
     let (hosts, n) = outliers.live();
     let mut running = JoinSet::new();
     for (i, (key, _)) in hosts.iter().enumerate() {
-        let checked = tokio::time::timeout(settings.timeout, check(key.0.clone()));
+        // A check that panics, before its future or in it, has failed.
+        let Ok(checking) = std::panic::catch_unwind(AssertUnwindSafe(|| check(key.0.clone())))
+        else {
+            continue;
+        };
+        let checked = tokio::time::timeout(settings.timeout, checking);
         running.spawn(async move { (i, matches!(checked.await, Ok(true))) });
     }
     let mut results = vec![false; hosts.len()];
     while let Some(done) = running.join_next().await {
-        // A check that panicked has failed.
         if let Ok((i, ok)) = done {
             results[i] = ok;
         }

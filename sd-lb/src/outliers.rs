@@ -711,6 +711,14 @@ impl Outliers {
         }
     }
 
+    /// Active checks stopped: every instance they took out is back in service.
+    pub(crate) fn checks_stopped(&self) {
+        let (hosts, _) = self.live();
+        for (_, host) in hosts {
+            self.check_in(&host);
+        }
+    }
+
     /// Counts one more instance out, unless that would put more than `max_ejection_percent` of
     /// the `n` instances out at once.
     fn take_cap(&self, n: usize) -> bool {

@@ -1,6 +1,7 @@
 //! Active health checks (`Outliers::spawn_checks`) with paused time: the thresholds in both
 //! directions, no picks while out, a hanging check is a failure, the ejection cap holds, calls
-//! do not bring a checked-out instance back, and dropping the handle stops the checks.
+//! do not bring a checked-out instance back, dropping the handle stops the checks and brings
+//! back what they took out, and a check that panics has failed.
 
 mod common;
 
@@ -190,4 +191,53 @@ fn spawning_outside_a_runtime_is_an_error() {
         .spawn_checks(ActiveChecks::new(INTERVAL).unwrap(), |_| async { true })
         .unwrap_err();
     assert!(err.to_string().contains("tokio runtime"), "{err}");
+}
+
+/// Only checks bring back what checks took out: when they stop, it is back in service.
+#[tokio::test(start_paused = true)]
+async fn stopping_the_checks_brings_back_what_they_took_out() {
+    let world = World::default();
+    let instances = Instances::new(["a", "b", "c"]);
+    let outliers = world.outliers();
+    let rr = RoundRobin::new(instances.strings().await).with_outliers(outliers.clone());
+    rr.endpoint().unwrap();
+    world.fail(&["b"]);
+    let checks = outliers
+        .spawn_checks(ActiveChecks::new(INTERVAL).unwrap(), world.check())
+        .unwrap();
+    rounds(4).await;
+    assert_eq!(outliers.ejected(), 1);
+    assert_eq!(picks_of(&rr, "b", 30), 0);
+    drop(checks);
+    assert_eq!(outliers.ejected(), 0);
+    assert_eq!(picks_of(&rr, "b", 30), 10);
+}
+
+/// A check that panics before returning its future has failed, and the checks go on.
+#[tokio::test(start_paused = true)]
+async fn a_check_that_panics_has_failed() {
+    let instances = Instances::new(["a", "b", "c"]);
+    let outliers = Arc::new(Outliers::new());
+    let rr = RoundRobin::new(instances.strings().await).with_outliers(outliers.clone());
+    rr.endpoint().unwrap();
+    let checked = Arc::new(AtomicUsize::new(0));
+    let count = checked.clone();
+    let _checks = outliers
+        .spawn_checks(ActiveChecks::new(INTERVAL).unwrap(), move |instance| {
+            count.fetch_add(1, Ordering::SeqCst);
+            if instance.addr() == "b" {
+                panic!("a check with a bug");
+            }
+            async { true }
+        })
+        .unwrap();
+    tokio::time::sleep(INTERVAL / 2).await;
+    rounds(3).await;
+    assert_eq!(
+        checked.load(Ordering::SeqCst),
+        12,
+        "three instances, four rounds"
+    );
+    assert_eq!(outliers.ejected(), 1);
+    assert_eq!(picks_of(&rr, "b", 30), 0);
 }
