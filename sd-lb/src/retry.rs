@@ -575,6 +575,16 @@ pub enum Decision<Er> {
 }
 
 /// A [`RetryCallback`] from a closure that returns a [`Decision`] (see [`decide_with`]).
+///
+/// ```
+/// use sd_lb::{decide_with, AttemptError, Decision, RetryCallback};
+///
+/// let callback = decide_with(|attempt: usize, _: &AttemptError<&str>| {
+///     if attempt < 3 { Decision::Retry } else { Decision::StopWith("gave up") }
+/// });
+/// assert_eq!(callback.decide(1, &AttemptError::Call("x")), Decision::Retry);
+/// assert_eq!(callback.decide(3, &AttemptError::Call("x")), Decision::StopWith("gave up"));
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct DecideWith<F>(F);
 

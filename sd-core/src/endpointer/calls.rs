@@ -40,7 +40,7 @@ const COUNT: usize = CLOSED - 1;
 pub struct Calls {
     /// `DRAINING` and `CLOSED` flags over the count of calls in flight.
     state: AtomicUsize,
-    closer: Mutex<Option<CloseGuard>>,
+    closers: Mutex<Vec<CloseGuard>>,
 }
 
 impl Calls {
@@ -52,7 +52,7 @@ impl Calls {
     pub fn new() -> Arc<Self> {
         Arc::new(Calls {
             state: AtomicUsize::new(0),
-            closer: Mutex::new(None),
+            closers: Mutex::new(Vec::new()),
         })
     }
 
@@ -98,7 +98,9 @@ impl Calls {
 
     /// The endpoint has left the set: run `closer` once no call is in flight, at once if none
     /// is. With a `timeout`, and within a tokio runtime, a timer runs it after `timeout` even
-    /// if calls are still in flight (it runs once either way).
+    /// if calls are still in flight (it runs once either way). Draining an endpoint already
+    /// draining adds `closer` to run with the first one (the first drain's timeout stands);
+    /// draining one already closed runs `closer` at once.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -122,8 +124,20 @@ impl Calls {
 
     pub(crate) fn drain_guard(self: &Arc<Self>, closer: CloseGuard, timeout: Option<Duration>) {
         // Stored before the flag is visible, so the last call to end finds it.
-        *self.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(closer);
+        self.closers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(closer);
         let before = self.state.fetch_or(DRAINING, Ordering::AcqRel);
+        if before & CLOSED != 0 {
+            // Closed already: whoever closed may have taken the closers before this one came.
+            self.close();
+            return;
+        }
+        if before & DRAINING != 0 {
+            // Draining already: this closer runs with the first one.
+            return;
+        }
         if before & COUNT == 0 {
             self.try_close();
             return;
@@ -164,9 +178,9 @@ impl Calls {
     }
 
     fn close(&self) {
-        let closer = self.closer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        // Runs the closer (outside the lock: it is the user's code).
-        drop(closer);
+        let closers = std::mem::take(&mut *self.closers.lock().unwrap_or_else(|e| e.into_inner()));
+        // Runs the closers (outside the lock: they are the user's code).
+        drop(closers);
     }
 }
 
@@ -233,6 +247,28 @@ mod tests {
         assert_eq!(closes.load(Ordering::SeqCst), 1);
         assert!(calls.enter().is_none());
         assert_eq!(calls.in_flight(), 0, "a refused call is not counted");
+    }
+
+    #[test]
+    fn a_second_drain_waits_for_the_calls_in_flight_too() {
+        let (first, second) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let calls = Calls::new();
+        let call = calls.enter().unwrap();
+        calls.drain(counting(&first), None);
+        calls.drain(counting(&second), None);
+        assert_eq!(first.load(Ordering::SeqCst), 0, "a call is in flight");
+        assert_eq!(second.load(Ordering::SeqCst), 0, "a call is in flight");
+        drop(call);
+        assert_eq!(first.load(Ordering::SeqCst), 1);
+        assert_eq!(second.load(Ordering::SeqCst), 1);
+        // Once closed, a drain's closer runs at once.
+        let third = Arc::new(AtomicUsize::new(0));
+        calls.drain(counting(&third), None);
+        assert_eq!(third.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            first.load(Ordering::SeqCst) + second.load(Ordering::SeqCst),
+            2
+        );
     }
 
     #[test]
