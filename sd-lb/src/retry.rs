@@ -23,7 +23,9 @@ use crate::metrics::RetryMetrics;
 ///   one has not ([`Balancer::endpoint_avoiding`]; round robin, random and P2C steer around
 ///   them, other balancers may not).
 /// - One `deadline` over all attempts: when it passes, the attempt in flight is dropped
-///   (cancelled) and the call fails with [`StopReason::Deadline`]. It runs from the moment the
+///   (cancelled), reported to the balancer as a failure (so outlier detection sees an instance
+///   that hangs) and to the budget, and the call fails with [`StopReason::Deadline`]. It runs
+///   from the moment the
 ///   call first has to wait (what runs before, the pick and the synchronous start of the first
 ///   attempt, takes no time worth timing), so a call that succeeds at once never reads the clock.
 /// - No pause between attempts unless asked for: fixed ([`with_backoff`](Self::with_backoff))
@@ -309,8 +311,17 @@ impl<B: Balancer, C> Retry<B, C> {
         let mut errors = Vec::new(); // allocates only on the first push
         let mut attempts = 0;
         let mut replacement = None;
+        // The picks that failed: retries go to other endpoints while there are any.
+        let mut tried = Tried::new();
+        let mut in_call = false;
         let outcome = {
-            let mut run = pin!(self.attempts(&mut f, &mut errors, &mut attempts, &mut replacement));
+            let mut run = pin!(self.attempts(
+                &mut f,
+                &mut errors,
+                &mut attempts,
+                &mut replacement,
+                (&mut tried, &mut in_call)
+            ));
             // Poll once before reading the clock and arming the timer: a call whose attempt
             // completes at once never pays for either (nor needs a runtime). The deadline runs
             // from here, the moment the call first has to wait.
@@ -325,6 +336,15 @@ impl<B: Balancer, C> Retry<B, C> {
                 },
             }
         };
+        if in_call {
+            // The deadline cut the attempt in flight short: it failed (a hung instance must
+            // reach outlier detection and the budget as one that answers with errors does).
+            self.balancer.report(&tried, false);
+            tried.finish();
+            if let Some(budget) = &self.budget {
+                budget.failed();
+            }
+        }
         outcome.map_err(|reason| {
             self.metrics.stopped(reason);
             RetryError {
@@ -343,37 +363,41 @@ impl<B: Balancer, C> Retry<B, C> {
         errors: &mut Vec<AttemptError<Er>>,
         started: &mut usize,
         replacement: &mut Option<Er>,
+        (tried, in_call): (&mut Tried, &mut bool),
     ) -> Result<T, StopReason>
     where
         F: FnMut(B::Endpoint) -> Fut,
         Fut: Future<Output = Result<T, Er>>,
         C: RetryCallback<Er>,
     {
-        // The picks that failed: retries go to other endpoints while there are any.
-        let mut tried = Tried::new();
         for attempt in 1..=self.max {
             if attempt > 1 {
                 self.metrics.retry();
             }
             *started = attempt;
-            let err = match self.balancer.endpoint_avoiding(&mut tried) {
-                Ok(endpoint) => match f(endpoint).await {
-                    Ok(value) => {
-                        self.balancer.report(&tried, true);
-                        if let Some(budget) = &self.budget {
-                            budget.succeeded();
+            let err = match self.balancer.endpoint_avoiding(tried) {
+                Ok(endpoint) => {
+                    *in_call = true;
+                    let outcome = f(endpoint).await;
+                    *in_call = false;
+                    match outcome {
+                        Ok(value) => {
+                            self.balancer.report(tried, true);
+                            if let Some(budget) = &self.budget {
+                                budget.succeeded();
+                            }
+                            return Ok(value);
                         }
-                        return Ok(value);
+                        Err(e) => AttemptError::Call(e),
                     }
-                    Err(e) => AttemptError::Call(e),
-                },
+                }
                 Err(e) => AttemptError::Balancer(e),
             };
             // The callback sees the failure before the balancer hears of it, so what it logs
             // comes before an ejection the failure causes.
             let decision = self.callback.decide(attempt, &err);
             if err.call_error().is_some() {
-                self.balancer.report(&tried, false);
+                self.balancer.report(tried, false);
             }
             tried.failed();
             // The attempt is over: a draining endpoint need not wait for our backoff.

@@ -350,3 +350,32 @@ async fn a_retry_does_not_step_onto_an_ejected_instance() {
     assert!(picks.iter().any(|p| p == "a-failing"), "{picks:?}");
     assert!(!picks.iter().any(|p| p == "b-ejected"), "{picks:?}");
 }
+
+/// A call that hangs until `Retry`'s deadline has failed: an instance that accepts calls and
+/// never answers is ejected like one that answers with errors.
+#[tokio::test(start_paused = true)]
+async fn calls_cut_short_by_the_deadline_count_as_failures() {
+    let instances = Instances::new((0..4).map(|i| format!("i{i}")));
+    let endpointer = Arc::new(instances.strings().await);
+    let outliers = Arc::new(Outliers::new().consecutive_failures(2).unwrap());
+    let rr = RoundRobin::new(endpointer.clone()).with_outliers(outliers.clone());
+    let retry = Retry::new(Owned(rr), 1, Duration::from_secs(1)).unwrap();
+    let mut picked = Vec::new();
+    for _ in 0..16 {
+        let _ = retry
+            .call(|e: Box<String>| {
+                picked.push((*e).clone());
+                let hangs = *e == "i1";
+                async move {
+                    if hangs {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<(), &str>(())
+                }
+            })
+            .await;
+    }
+    assert_eq!(outliers.ejected(), 1, "{picked:?}");
+    let hung = picked.iter().filter(|p| *p == "i1").count();
+    assert_eq!(hung, 2, "i1 ejected after its second hung call: {picked:?}");
+}
