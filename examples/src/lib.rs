@@ -16,6 +16,21 @@ use std::time::Duration;
 
 use sd_etcd::{ClientOptions, EtcdClient};
 
+/// Prints a line to stdout like `println!`, but a stdout that cannot be written (its reader
+/// went away: `foosvc ... | head -3`, or a pipe's reader stopped by the same Ctrl-C) is not a
+/// panic: a program shutting down still deregisters.
+///
+/// ```
+/// examples::say!("registered {}", "/services/foosvc/127.0.0.1:8080");
+/// ```
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The environment variable that gives the etcd password when `--password` is not given.
 ///
 /// ```

@@ -291,6 +291,36 @@ async fn greeter_serve_registers_once_listening_and_deregisters_on_sigterm_and_s
     assert!(!call.wait());
 }
 
+/// A reader that went away (a pipe's reader stopped by the same Ctrl-C) does not keep a
+/// shutting-down server from deregistering: it still exits 0 and leaves no key behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeter_serve_deregisters_even_when_its_stdout_is_gone() {
+    use std::io::BufRead;
+    let etcd = EtcdServer::start().await;
+    let mut child = std::process::Command::new(GREETER)
+        .args(["serve", "--etcd", &etcd.endpoint(), "--addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start greeter serve");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    while !line.starts_with("registered ") {
+        line.clear();
+        let read = stdout.read_line(&mut line).expect("read greeter's stdout");
+        assert!(read > 0, "greeter ended before registering");
+    }
+    assert_eq!(greeter_keys(&etcd).await.len(), 1);
+    drop(stdout); // the reader goes away
+                  // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("wait task")
+        .expect("wait for greeter");
+    assert!(status.success(), "greeter serve: {status}");
+    assert!(greeter_keys(&etcd).await.is_empty(), "key left registered");
+}
+
 /// What `greeter call` printed, read line by line.
 #[derive(Debug, Default)]
 struct CallOutput {
@@ -433,6 +463,14 @@ async fn greeter_refuses_bad_flags_a_busy_address_and_unreachable_etcd() {
         (
             vec!["serve", "--etcd", &endpoint, "--addr", &busy_addr],
             &format!("cannot listen on {busy_addr}"),
+        ),
+        (
+            vec!["serve", "--etcd", &endpoint, "--addr", "0.0.0.0:0"],
+            "clients cannot dial 0.0.0.0",
+        ),
+        (
+            vec!["serve", "--etcd", &endpoint, "--addr", "[::]:0"],
+            "clients cannot dial ::",
         ),
         (
             vec!["call", "--etcd", &unreachable, "--dial-timeout", "300ms"],

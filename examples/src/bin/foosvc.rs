@@ -168,7 +168,7 @@ async fn run(args: Args) -> Result<(), Error> {
     // at that moment), and before registering: a busy address leaves no key behind.
     if let Some(addr) = args.metrics_addr {
         examples::serve_metrics(addr).map_err(Error::invalid_argument)?;
-        println!("metrics at http://{addr}/metrics");
+        examples::say!("metrics at http://{addr}/metrics");
     }
     // Install the signal handlers before registering, so no signal finds us without them.
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::backend)?;
@@ -177,9 +177,10 @@ async fn run(args: Args) -> Result<(), Error> {
     let client = args.etcd.connect("foosvc").await?;
     let registrar = EtcdRegistrar::new(client.clone(), service);
     registrar.register().await?;
-    println!(
+    examples::say!(
         "registered {FOO_PREFIX}{} (ttl {:?})",
-        args.instance, args.ttl
+        args.instance,
+        args.ttl
     );
 
     let mut in_flight = JoinSet::new();
@@ -189,7 +190,7 @@ async fn run(args: Args) -> Result<(), Error> {
     // while its calls finish; report both errors if both failed.
     let deregistered = registrar.deregister().await;
     if deregistered.is_ok() {
-        println!("deregistered {FOO_PREFIX}{}", args.instance);
+        examples::say!("deregistered {FOO_PREFIX}{}", args.instance);
     }
     drain(&mut in_flight, args.drain_timeout).await;
     match deregistered {
@@ -208,7 +209,7 @@ async fn drain(in_flight: &mut JoinSet<()>, timeout: Duration) {
     if in_flight.is_empty() {
         return;
     }
-    println!(
+    examples::say!(
         "draining {} call(s) in flight (at most {timeout:?})",
         in_flight.len()
     );
@@ -217,9 +218,9 @@ async fn drain(in_flight: &mut JoinSet<()>, timeout: Duration) {
     })
     .await;
     if finished.is_ok() {
-        println!("drained");
+        examples::say!("drained");
     } else {
-        println!(
+        examples::say!(
             "drain timeout: abandoning {} call(s) in flight",
             in_flight.len()
         );
@@ -262,22 +263,22 @@ async fn serve(
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { println!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { println!("SIGINT: shutting down"); break; }
-            _ = &mut deadline => { println!("--run-for elapsed: shutting down"); break; }
+            _ = sigterm.recv() => { examples::say!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { examples::say!("SIGINT: shutting down"); break; }
+            _ = &mut deadline => { examples::say!("--run-for elapsed: shutting down"); break; }
             change = changes.next() => match change {
                 Some(Event::Instances(set)) => {
-                    println!("barsvc instances: {:?}", set.iter().map(examples::describe).collect::<Vec<_>>())
+                    examples::say!("barsvc instances: {:?}", set.iter().map(examples::describe).collect::<Vec<_>>())
                 }
-                Some(Event::Error(e)) => println!("barsvc discovery error: {}", sd_core::Report(&e)),
+                Some(Event::Error(e)) => examples::say!("barsvc discovery error: {}", sd_core::Report(&e)),
                 None => break,
             },
             _ = calls.tick() => {
                 let retry = retry.clone();
                 in_flight.spawn(async move {
                     match retry.call(|bar: BarEndpoint| async move { bar.call(latency).await }).await {
-                        Ok(reply) => println!("call: {reply}"),
-                        Err(e) => println!("call failed: {}", examples::retry_failure(&e)),
+                        Ok(reply) => examples::say!("call: {reply}"),
+                        Err(e) => examples::say!("call failed: {}", examples::retry_failure(&e)),
                     }
                 });
             }

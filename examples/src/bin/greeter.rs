@@ -58,7 +58,7 @@ struct ServeArgs {
     #[command(flatten)]
     etcd: EtcdArgs,
     /// Where to serve, HOST:PORT (port 0: one the system chooses); the address bound is the
-    /// one registered.
+    /// one registered, so it must be one clients can dial (not 0.0.0.0 or [::]).
     #[arg(long, default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
     /// How often the registration is refreshed (at least 500ms).
@@ -144,6 +144,15 @@ async fn serve(args: ServeArgs) -> Result<(), Error> {
     for (flag, value) in [("--heartbeat", args.heartbeat), ("--ttl", args.ttl)] {
         examples::check_duration(flag, value).map_err(Error::invalid_argument)?;
     }
+    if args.addr.ip().is_unspecified() {
+        return Err(Error::invalid_argument(format!(
+            "--addr {}: the address served is the one registered, and clients cannot dial {}: \
+             give the address they reach this host at, e.g. 127.0.0.1:{}",
+            args.addr,
+            args.addr.ip(),
+            args.addr.port()
+        )));
+    }
     let ttl = TtlOption::new(args.heartbeat, args.ttl)?;
     let mut signals = Signals::install()?;
     let client = args.etcd.connect("greeter").await?;
@@ -154,16 +163,16 @@ async fn serve(args: ServeArgs) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(Error::backend)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(greeter::serve(listener, stopped));
-    println!("serving {addr}");
+    examples::say!("serving {addr}");
 
     let key = format!("{PREFIX}{addr}");
     let registrar = EtcdRegistrar::new(client, Service::new(&key, addr.to_string())?.with_ttl(ttl));
     registrar.register().await?;
-    println!("registered {key}");
+    examples::say!("registered {key}");
 
     let served_early = tokio::select! {
         name = signals.recv() => {
-            println!("{name}: shutting down");
+            examples::say!("{name}: shutting down");
             None
         }
         served = &mut server => Some(served),
@@ -171,7 +180,7 @@ async fn serve(args: ServeArgs) -> Result<(), Error> {
     // Deregister first, so clients stop picking this server, then finish what is in flight.
     let deregistered = registrar.deregister().await;
     if deregistered.is_ok() {
-        println!("deregistered {key}");
+        examples::say!("deregistered {key}");
     }
     let _ = stop.send(());
     let served = match served_early {
@@ -183,7 +192,7 @@ async fn serve(args: ServeArgs) -> Result<(), Error> {
         .map_err(|e| Error::backend_msg(format!("serving on {addr}: {}", sd_core::Report(&e))));
     deregistered?;
     served?;
-    println!("stopped");
+    examples::say!("stopped");
     Ok(())
 }
 
@@ -216,12 +225,14 @@ impl Caller {
                     Outliers::new()
                         .consecutive_failures(2)?
                         .on_change(|instance, change| match change {
-                            HealthChange::Ejected { duration, .. } => println!(
+                            HealthChange::Ejected { duration, .. } => examples::say!(
                                 "ejected {} for {}",
                                 instance.addr(),
                                 humantime::format_duration(*duration)
                             ),
-                            HealthChange::Restored => println!("restored {}", instance.addr()),
+                            HealthChange::Restored => {
+                                examples::say!("restored {}", instance.addr())
+                            }
                             _ => {}
                         });
                 let balancer = RoundRobin::new(endpointer).with_outliers(Arc::new(outliers));
@@ -290,7 +301,7 @@ async fn call(args: CallArgs) -> Result<bool, Error> {
     while made < args.count {
         tokio::select! {
             name = signals.recv() => {
-                println!("{name}: stopping");
+                examples::say!("{name}: stopping");
                 break;
             }
             _ = ticks.tick() => {}
@@ -299,11 +310,11 @@ async fn call(args: CallArgs) -> Result<bool, Error> {
         match caller.greet(&args.name).await {
             Ok(server) => {
                 ok += 1;
-                println!("ok {server}");
+                examples::say!("ok {server}");
             }
-            Err(e) => println!("error {e}"),
+            Err(e) => examples::say!("error {e}"),
         }
     }
-    println!("calls {made} ok {ok} failed {}", made - ok);
+    examples::say!("calls {made} ok {ok} failed {}", made - ok);
     Ok(ok == made)
 }
