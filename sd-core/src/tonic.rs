@@ -796,7 +796,18 @@ impl Forwarder {
     }
 
     fn make(&mut self, instance: &Instance) {
-        match self.options.endpoint(instance) {
+        // A custom endpoint function is the user's code: its panic skips the instance (as the
+        // default endpointer's factory does) instead of ending discovery for the channel.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.options.endpoint(instance)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::factory(
+                instance.addr(),
+                Panicked("the endpoint function panicked"),
+            ))
+        });
+        match made {
             Ok(endpoint) => {
                 self.failed.remove(instance);
                 self.queue
@@ -832,7 +843,12 @@ impl Forwarder {
                 }
             }
             Event::Error(err) => {
-                tracing::warn!(error = %Report(&err), "service discovery error: the channel keeps its endpoints");
+                // One warning per outage; the errors during it are in the state.
+                if self.error.is_none() {
+                    tracing::warn!(error = %Report(&err), "service discovery error: the channel keeps its endpoints");
+                } else {
+                    tracing::debug!(error = %Report(&err), "service discovery error");
+                }
                 self.error = Some(err);
             }
         }
@@ -877,6 +893,26 @@ impl Forwarder {
         self.state.send_modify(|s| s.stopped = true);
     }
 }
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        // However the task ended, the state says discovery no longer runs.
+        self.state
+            .send_if_modified(|s| !std::mem::replace(&mut s.stopped, true));
+    }
+}
+
+/// Why an endpoint function gave no endpoint when it panicked.
+#[derive(Debug)]
+struct Panicked(&'static str);
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Panicked {}
 
 /// Hands `op` to tonic's balancer and records what it now has.
 fn send(
@@ -968,6 +1004,47 @@ mod tests {
         ]));
         let state = wait_for_state(&handle, "3 instances", |s| s.instances().len() == 3).await;
         assert!(state.skipped().is_empty());
+    }
+
+    /// A panicking endpoint function skips its instance, at the first event and later ones,
+    /// and discovery goes on.
+    #[tokio::test]
+    async fn an_endpoint_function_that_panics_skips_its_instance() {
+        let options = ChannelOptions::new().endpoint_fn(|i| {
+            let port: u16 = i
+                .as_str()
+                .rsplit(':')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .expect("a port");
+            Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                .map_err(|e| Error::factory(i, e))
+        });
+        let instancer = Arc::new(Publisher::new(Event::from_instances([
+            "127.0.0.1:1",
+            "127.0.0.1:x",
+        ])));
+        let (_channel, handle) = balance_channel(instancer.clone(), options);
+        let state = handle.state().borrow().clone();
+        assert_eq!(state.instances(), &["127.0.0.1:1"]);
+        assert_eq!(state.skipped().len(), 1);
+        assert!(
+            Report(&state.skipped()[0].1)
+                .to_string()
+                .contains("panicked"),
+            "{:?}",
+            state.skipped()
+        );
+        instancer.publish(Event::from_instances([
+            "127.0.0.1:1",
+            "127.0.0.1:y",
+            "127.0.0.1:3",
+        ]));
+        let state =
+            wait_for_state(&handle, "the third instance", |s| s.instances().len() == 2).await;
+        assert_eq!(state.instances(), &["127.0.0.1:1", "127.0.0.1:3"]);
+        assert!(!state.is_stopped());
     }
 
     #[tokio::test]
