@@ -10,13 +10,15 @@ use crate::factory::CloseGuard;
 use crate::Closer;
 
 /// A service made by a [`Discovery`](super::Discovery)'s factory, with its instance's
-/// [`Closer`]: the closer runs once the service (every clone of it) has been dropped and every
-/// call made through it has ended.
+/// [`Closer`]: the closer runs once the service (every clone of it) has been dropped and the
+/// response future of every call made through it has completed or been dropped.
 ///
 /// So a removed instance's connection is closed when tower drops the service (a balancer drops
 /// it when it takes the removal, or when it is itself dropped), never while tower still holds
-/// it or a response is still being read from it. tower drops a removed service inside a caller's
-/// `poll_ready`: closers should be quick (hand slow work to a task).
+/// it or a call's response future is pending. A streaming response body outlives that future:
+/// a closer that tears down a connection shared with such a stream cuts it (close the client's
+/// own handle instead, and let the connection end with its last user). tower drops a removed
+/// service inside a caller's `poll_ready`: closers should be quick (hand slow work to a task).
 ///
 /// It is a `tower::Service` (and a `tower::load::Load`) by delegation.
 ///
