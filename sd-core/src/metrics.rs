@@ -4,7 +4,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `sd_endpoints` | gauge | `endpointer` | endpoints a [`DefaultEndpointer`] serves now |
+//! | `sd_endpoints` | gauge | `endpointer` | endpoints the [`DefaultEndpointer`]s of that name serve now (an endpointer's leave the sum when it is dropped) |
 //! | `sd_endpointer_changes_total` | counter | `endpointer` | endpoints added or removed by a [`DefaultEndpointer`] (one per instance that appears or goes, and one per endpoint dropped by `invalidate_on_error`) |
 //!
 //! `endpointer` is the name given with [`EndpointerOptions::name`], or `default`. Both are
@@ -46,6 +46,17 @@ pub(crate) struct EndpointerMetrics {
     endpoints: ::metrics::Gauge,
     #[cfg(feature = "metrics")]
     changes: ::metrics::Counter,
+    /// What this endpointer adds to `sd_endpoints`: endpointers of one name (unnamed ones
+    /// among them) share the series, so each moves it by its own changes.
+    #[cfg(feature = "metrics")]
+    counted: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for EndpointerMetrics {
+    fn drop(&mut self) {
+        self.endpoints.decrement(*self.counted.get_mut() as f64);
+    }
 }
 
 impl EndpointerMetrics {
@@ -61,6 +72,7 @@ impl EndpointerMetrics {
             EndpointerMetrics {
                 endpoints: ::metrics::gauge!(ENDPOINTS, "endpointer" => name.clone()),
                 changes: ::metrics::counter!(ENDPOINTER_CHANGES, "endpointer" => name),
+                counted: Default::default(),
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -77,7 +89,10 @@ impl EndpointerMetrics {
             if changes > 0 {
                 self.changes.increment(changes as u64);
             }
-            self.endpoints.set(endpoints as f64);
+            let before = self
+                .counted
+                .swap(endpoints, std::sync::atomic::Ordering::Relaxed);
+            self.endpoints.increment(endpoints as f64 - before as f64);
         }
         #[cfg(not(feature = "metrics"))]
         let _ = (changes, endpoints);
@@ -89,7 +104,7 @@ mod tests {
     use std::time::Duration;
 
     use metrics_util::debugging::DebuggingRecorder;
-    use sd_test_metrics::deltas;
+    use sd_test_metrics::Totals;
 
     use crate::{
         endpoint_fn, DefaultEndpointer, Endpointer, EndpointerOptions, Error, Event, Publisher,
@@ -103,6 +118,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _recording = ::metrics::set_default_local_recorder(&recorder);
+        let mut totals = Totals::default();
 
         let bar = Publisher::new(Event::from_instances(["a:1", "b:1"]));
         let options = EndpointerOptions::new()
@@ -116,20 +132,20 @@ mod tests {
             EndpointerOptions::new(),
         )
         .await;
-        let d = deltas(&snapshotter);
-        assert_eq!(d["sd_endpoints{endpointer=barsvc}"], 2.0, "{d:?}");
+        let d = totals.read(&snapshotter);
+        assert_eq!(totals.get("sd_endpoints{endpointer=barsvc}"), 2.0, "{d:?}");
         assert_eq!(
             d["sd_endpointer_changes_total{endpointer=barsvc}"], 2.0,
             "{d:?}"
         );
-        assert_eq!(d["sd_endpoints{endpointer=default}"], 1.0, "{d:?}");
+        assert_eq!(totals.get("sd_endpoints{endpointer=default}"), 1.0, "{d:?}");
 
         // b goes, c and d come: 3 changes, 3 endpoints.
         let v = named.version();
         bar.publish(Event::from_instances(["a:1", "c:1", "d:1"]));
         named.changed(v).await;
-        let d = deltas(&snapshotter);
-        assert_eq!(d["sd_endpoints{endpointer=barsvc}"], 3.0, "{d:?}");
+        let d = totals.read(&snapshotter);
+        assert_eq!(totals.get("sd_endpoints{endpointer=barsvc}"), 3.0, "{d:?}");
         assert_eq!(
             d["sd_endpointer_changes_total{endpointer=barsvc}"], 3.0,
             "{d:?}"
@@ -140,7 +156,7 @@ mod tests {
         named.wait_until(|s| s.error().is_some()).await;
         tokio::time::sleep(Duration::from_secs(6)).await;
         named.wait_until(|s| s.endpoints().is_empty()).await;
-        let d = deltas(&snapshotter);
+        let d = totals.read(&snapshotter);
         assert_eq!(
             d["sd_endpointer_changes_total{endpointer=barsvc}"], 3.0,
             "{d:?}"
@@ -153,11 +169,41 @@ mod tests {
         // Back: one endpoint made again.
         bar.publish(Event::from_instances(["a:1"]));
         named.wait_until(|s| s.endpoints().len() == 1).await;
-        let d = deltas(&snapshotter);
-        assert_eq!(d["sd_endpoints{endpointer=barsvc}"], 1.0, "{d:?}");
+        let d = totals.read(&snapshotter);
+        assert_eq!(totals.get("sd_endpoints{endpointer=barsvc}"), 1.0, "{d:?}");
         assert_eq!(
             d["sd_endpointer_changes_total{endpointer=barsvc}"], 1.0,
             "{d:?}"
         );
+    }
+
+    /// Unnamed endpointers share `default`: the gauge is their sum, and a dropped one's
+    /// endpoints leave it.
+    #[tokio::test]
+    async fn endpointers_sharing_a_name_add_up_and_leave_when_dropped() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recording = ::metrics::set_default_local_recorder(&recorder);
+        let mut totals = Totals::default();
+        let mut endpoints = || {
+            totals.read(&snapshotter);
+            totals.get("sd_endpoints{endpointer=default}")
+        };
+        let three = Publisher::new(Event::from_instances(["a:1", "b:1", "c:1"]));
+        let five = Publisher::new(Event::from_instances(["v:1", "w:1", "x:1", "y:1", "z:1"]));
+        let options = EndpointerOptions::new;
+        let e3 = DefaultEndpointer::new(&three, endpoint_fn(|i| i.to_string()), options()).await;
+        let e5 = DefaultEndpointer::new(&five, endpoint_fn(|i| i.to_string()), options()).await;
+        assert_eq!(endpoints(), 8.0);
+        let v = e5.version();
+        five.publish(Event::from_instances(["v:1"]));
+        e5.changed(v).await;
+        assert_eq!(endpoints(), 4.0);
+        drop(e3);
+        // The endpointer's task ends at the runtime's next turn.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(endpoints(), 1.0);
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `sd_instances` | gauge | `prefix` | instances an [`EtcdInstancer`] sees under its prefix now |
+//! | `sd_instances` | gauge | `prefix` | instances the [`EtcdInstancer`]s of that prefix see now (a stopped one's leave the sum) |
 //! | `sd_changes_applied_total` | counter | `prefix` | puts and deletes under the prefix the instancer applied from its watch (a re-read of the whole prefix counts as one) |
 //! | `sd_discovery_errors_total` | counter | `prefix` | failed attempts to re-open the watch or re-read the prefix (each is an error event for subscribers) |
 //! | `sd_lease_losses_total` | counter | `ttl_secs` | leases of [`EtcdRegistrar`]s that etcd said were gone (expired while cut off, revoked, a store restored from a backup) |
@@ -52,6 +52,17 @@ pub(crate) struct InstancerMetrics {
     changes: ::metrics::Counter,
     #[cfg(feature = "metrics")]
     errors: ::metrics::Counter,
+    /// What this instancer adds to `sd_instances`: instancers of one prefix share the series,
+    /// so each moves it by its own changes, and takes its part off when it stops.
+    #[cfg(feature = "metrics")]
+    counted: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for InstancerMetrics {
+    fn drop(&mut self) {
+        self.instances.decrement(*self.counted.get_mut() as f64);
+    }
 }
 
 impl InstancerMetrics {
@@ -72,6 +83,7 @@ impl InstancerMetrics {
                 instances: ::metrics::gauge!(INSTANCES, "prefix" => prefix.clone()),
                 changes: ::metrics::counter!(CHANGES_APPLIED, "prefix" => prefix.clone()),
                 errors: ::metrics::counter!(DISCOVERY_ERRORS, "prefix" => prefix),
+                counted: Default::default(),
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -84,7 +96,10 @@ impl InstancerMetrics {
     /// The instance set was published with `n` instances.
     pub(crate) fn instances(&self, n: usize) {
         #[cfg(feature = "metrics")]
-        self.instances.set(n as f64);
+        {
+            let before = self.counted.swap(n, std::sync::atomic::Ordering::Relaxed);
+            self.instances.increment(n as f64 - before as f64);
+        }
         #[cfg(not(feature = "metrics"))]
         let _ = n;
     }
@@ -160,7 +175,7 @@ mod tests {
     use futures::StreamExt;
     use metrics_util::debugging::DebuggingRecorder;
     use sd_core::{Event, Instancer, Registrar, Service, TtlOption};
-    use sd_test_metrics::deltas;
+    use sd_test_metrics::{deltas, Totals};
 
     use crate::{
         Error, EtcdInstancer, EtcdRegistrar, Header, KeyValue, MockClient, WatchBatch, WatchEvent,
@@ -225,8 +240,9 @@ mod tests {
                 _ => Ok(futures::stream::pending().boxed()),
             });
         let instancer = EtcdInstancer::new(mock, "/svc/").await.unwrap();
-        let d = deltas(&snapshotter);
-        assert_eq!(d["sd_instances{prefix=/svc/}"], 1.0, "{d:?}");
+        let mut totals = Totals::default();
+        let d = totals.read(&snapshotter);
+        assert_eq!(totals.get("sd_instances{prefix=/svc/}"), 1.0, "{d:?}");
 
         let mut events = instancer.subscribe();
         let want = Event::from_instances(["b:1", "c:1"]);
@@ -237,11 +253,17 @@ mod tests {
         })
         .await
         .expect("the watch recovers");
-        let d = deltas(&snapshotter);
+        let d = totals.read(&snapshotter);
         assert_eq!(d["sd_changes_applied_total{prefix=/svc/}"], 3.0, "{d:?}");
         assert_eq!(d["sd_discovery_errors_total{prefix=/svc/}"], 2.0, "{d:?}");
-        assert_eq!(d["sd_instances{prefix=/svc/}"], 2.0, "{d:?}");
+        assert_eq!(totals.get("sd_instances{prefix=/svc/}"), 2.0, "{d:?}");
+        // A stopped instancer's instances leave the gauge.
         instancer.stop();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        totals.read(&snapshotter);
+        assert_eq!(totals.get("sd_instances{prefix=/svc/}"), 0.0);
     }
 
     /// Paused time: lease 1 is lost (one loss, its key put again on lease 2), then the key is

@@ -204,34 +204,15 @@ impl OutlierMetrics {
 
 #[cfg(all(test, feature = "metrics"))]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
-    use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+    use metrics_util::debugging::DebuggingRecorder;
     use sd_core::FixedEndpointer;
-    use sd_test_metrics::deltas;
+    use sd_test_metrics::{deltas, Totals};
 
     use crate::{decide_with, Decision, Outliers, Retry, RetryBudget, RoundRobin};
-
-    /// Every metric recorded so far, as `name{label=value,..}` → value. The recorder hands out
-    /// what changed since its last snapshot (counters and gauges start again at 0), so the
-    /// totals are kept here; every gauge of this crate moves by increments, so adding them up
-    /// gives its value.
-    fn read(
-        snapshotter: &Snapshotter,
-        totals: &mut BTreeMap<String, f64>,
-    ) -> BTreeMap<String, f64> {
-        for (name, delta) in deltas(snapshotter) {
-            *totals.entry(name).or_insert(0.0) += delta;
-        }
-        totals.clone()
-    }
-
-    fn get(values: &BTreeMap<String, f64>, name: &str) -> f64 {
-        values.get(name).copied().unwrap_or(0.0)
-    }
 
     /// Each way a retried call can stop is counted under its reason, retries are the attempts
     /// after the first, and a pick with nothing to give is counted; successful calls leave
@@ -241,7 +222,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _recording = ::metrics::set_default_local_recorder(&recorder);
-        let mut totals = BTreeMap::new();
+        let mut totals = Totals::default();
         let rr = || RoundRobin::new(FixedEndpointer::new(vec![1, 2, 3]));
 
         let retry = Retry::new(rr(), 3, Duration::from_secs(5)).unwrap();
@@ -283,26 +264,19 @@ mod tests {
         .unwrap();
         let _ = empty.call(|_| async { Ok::<_, ()>(()) }).await;
 
-        let v = read(&snapshotter, &mut totals);
+        totals.read(&snapshotter);
+        let v = &totals;
         assert_eq!(
-            get(&v, "sd_retry_stops_total{reason=max_attempts}"),
+            v.get("sd_retry_stops_total{reason=max_attempts}"),
             2.0,
             "{v:?}"
         );
-        assert_eq!(
-            get(&v, "sd_retry_stops_total{reason=deadline}"),
-            1.0,
-            "{v:?}"
-        );
-        assert_eq!(
-            get(&v, "sd_retry_stops_total{reason=callback}"),
-            1.0,
-            "{v:?}"
-        );
-        assert_eq!(get(&v, "sd_retry_stops_total{reason=budget}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_retry_stops_total{reason=deadline}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_retry_stops_total{reason=callback}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_retry_stops_total{reason=budget}"), 1.0, "{v:?}");
         // 2 (all failed) + 1 (the deadline's second attempt) + 0 + 0 + 1 (the empty set's).
-        assert_eq!(get(&v, "sd_retries_total{}"), 4.0, "{v:?}");
-        assert_eq!(get(&v, "sd_picks_no_endpoint_total{}"), 2.0, "{v:?}");
+        assert_eq!(v.get("sd_retries_total{}"), 4.0, "{v:?}");
+        assert_eq!(v.get("sd_picks_no_endpoint_total{}"), 2.0, "{v:?}");
     }
 
     /// An instance failing twice in a row is ejected (`consecutive`), its failed probe ejects
@@ -312,7 +286,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _recording = ::metrics::set_default_local_recorder(&recorder);
-        let mut totals = BTreeMap::new();
+        let mut totals = Totals::default();
         let outliers = Arc::new(
             Outliers::new()
                 .consecutive_failures(2)
@@ -342,28 +316,31 @@ mod tests {
         };
 
         round(8).await;
-        let v = read(&snapshotter, &mut totals);
+        totals.read(&snapshotter);
+        let v = &totals;
         assert_eq!(outliers.ejected(), 1);
-        assert_eq!(get(&v, "sd_ejections_total{by=consecutive}"), 1.0, "{v:?}");
-        assert_eq!(get(&v, "sd_ejected{}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_ejections_total{by=consecutive}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_ejected{}"), 1.0, "{v:?}");
 
         tokio::time::advance(Duration::from_secs(11)).await;
         round(4).await;
-        let v = read(&snapshotter, &mut totals);
-        assert_eq!(get(&v, "sd_ejections_total{by=probe}"), 1.0, "{v:?}");
-        assert_eq!(get(&v, "sd_ejected{}"), 1.0, "still one ejected: {v:?}");
-        assert_eq!(get(&v, "sd_restorations_total{}"), 0.0, "{v:?}");
+        totals.read(&snapshotter);
+        let v = &totals;
+        assert_eq!(v.get("sd_ejections_total{by=probe}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_ejected{}"), 1.0, "still one ejected: {v:?}");
+        assert_eq!(v.get("sd_restorations_total{}"), 0.0, "{v:?}");
 
         broken.store(false, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(21)).await;
         round(4).await;
-        let v = read(&snapshotter, &mut totals);
+        totals.read(&snapshotter);
+        let v = &totals;
         assert_eq!(outliers.ejected(), 0);
-        assert_eq!(get(&v, "sd_restorations_total{}"), 1.0, "{v:?}");
-        assert_eq!(get(&v, "sd_ejected{}"), 0.0, "{v:?}");
-        assert_eq!(get(&v, "sd_ejections_total{by=rate}"), 0.0, "{v:?}");
+        assert_eq!(v.get("sd_restorations_total{}"), 1.0, "{v:?}");
+        assert_eq!(v.get("sd_ejected{}"), 0.0, "{v:?}");
+        assert_eq!(v.get("sd_ejections_total{by=rate}"), 0.0, "{v:?}");
         assert_eq!(
-            get(&v, "sd_retry_stops_total{reason=max_attempts}"),
+            v.get("sd_retry_stops_total{reason=max_attempts}"),
             3.0,
             "b failed twice, then its probe: {v:?}"
         );

@@ -42,3 +42,38 @@ pub fn deltas(snapshotter: &Snapshotter) -> BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// Running totals over successive snapshots, for gauges moved by increments (the debugging
+/// recorder hands out a gauge's movement since the last snapshot, as it does a counter's).
+///
+/// ```
+/// use metrics_util::debugging::DebuggingRecorder;
+///
+/// let recorder = DebuggingRecorder::new();
+/// let snapshotter = recorder.snapshotter();
+/// let mut totals = sd_test_metrics::Totals::default();
+/// metrics::with_local_recorder(&recorder, || metrics::gauge!("sd_endpoints").increment(3.0));
+/// assert_eq!(totals.read(&snapshotter)["sd_endpoints{}"], 3.0);
+/// metrics::with_local_recorder(&recorder, || metrics::gauge!("sd_endpoints").decrement(1.0));
+/// let moved = totals.read(&snapshotter);
+/// assert_eq!(moved["sd_endpoints{}"], -1.0);
+/// assert_eq!(totals.get("sd_endpoints{}"), 2.0);
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct Totals(BTreeMap<String, f64>);
+
+impl Totals {
+    /// What moved since the last snapshot (as [`deltas`]), added to the totals.
+    pub fn read(&mut self, snapshotter: &Snapshotter) -> BTreeMap<String, f64> {
+        let moved = deltas(snapshotter);
+        for (name, delta) in &moved {
+            *self.0.entry(name.clone()).or_insert(0.0) += delta;
+        }
+        moved
+    }
+
+    /// The total of `name` (`name{label=value,...}`), 0 if it never moved.
+    pub fn get(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
+}
