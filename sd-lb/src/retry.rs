@@ -313,14 +313,13 @@ impl<B: Balancer, C> Retry<B, C> {
         let mut replacement = None;
         // The picks that failed: retries go to other endpoints while there are any.
         let mut tried = Tried::new();
-        let mut in_call = false;
         let outcome = {
             let mut run = pin!(self.attempts(
                 &mut f,
                 &mut errors,
                 &mut attempts,
                 &mut replacement,
-                (&mut tried, &mut in_call)
+                &mut tried
             ));
             // Poll once before reading the clock and arming the timer: a call whose attempt
             // completes at once never pays for either (nor needs a runtime). The deadline runs
@@ -336,9 +335,10 @@ impl<B: Balancer, C> Retry<B, C> {
                 },
             }
         };
-        if in_call {
-            // The deadline cut the attempt in flight short: it failed (a hung instance must
-            // reach outlier detection and the budget as one that answers with errors does).
+        if matches!(outcome, Err(StopReason::Deadline)) && tried.last().is_some() {
+            // A pick whose outcome is unknown: the deadline cut its attempt short, and it
+            // failed (a hung instance must reach outlier detection and the budget as one that
+            // answers with errors does).
             self.balancer.report(&tried, false);
             tried.finish();
             if let Some(budget) = &self.budget {
@@ -363,7 +363,7 @@ impl<B: Balancer, C> Retry<B, C> {
         errors: &mut Vec<AttemptError<Er>>,
         started: &mut usize,
         replacement: &mut Option<Er>,
-        (tried, in_call): (&mut Tried, &mut bool),
+        tried: &mut Tried,
     ) -> Result<T, StopReason>
     where
         F: FnMut(B::Endpoint) -> Fut,
@@ -376,21 +376,16 @@ impl<B: Balancer, C> Retry<B, C> {
             }
             *started = attempt;
             let err = match self.balancer.endpoint_avoiding(tried) {
-                Ok(endpoint) => {
-                    *in_call = true;
-                    let outcome = f(endpoint).await;
-                    *in_call = false;
-                    match outcome {
-                        Ok(value) => {
-                            self.balancer.report(tried, true);
-                            if let Some(budget) = &self.budget {
-                                budget.succeeded();
-                            }
-                            return Ok(value);
+                Ok(endpoint) => match f(endpoint).await {
+                    Ok(value) => {
+                        self.balancer.report(tried, true);
+                        if let Some(budget) = &self.budget {
+                            budget.succeeded();
                         }
-                        Err(e) => AttemptError::Call(e),
+                        return Ok(value);
                     }
-                }
+                    Err(e) => AttemptError::Call(e),
+                },
                 Err(e) => AttemptError::Balancer(e),
             };
             // The callback sees the failure before the balancer hears of it, so what it logs
