@@ -63,6 +63,15 @@ pub(crate) fn no_endpoint<E>(snapshot: &sd_core::Snapshot<E>) -> sd_core::Error 
     snapshot.no_endpoints()
 }
 
+/// [`no_endpoint`] as a pick's whole result (see [`crate::pick::cloned_at`]).
+#[cold]
+#[inline(never)]
+pub(crate) fn no_endpoint_result<T, E>(
+    snapshot: &sd_core::Snapshot<E>,
+) -> Result<T, sd_core::Error> {
+    Err(no_endpoint(snapshot))
+}
+
 /// A [`Retry`](crate::Retry)'s handles, registered once when it is made (empty without the
 /// feature).
 pub(crate) struct RetryMetrics {

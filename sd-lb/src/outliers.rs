@@ -79,12 +79,38 @@ pub struct Outliers {
     metrics: OutlierMetrics,
 }
 
-/// Instances ejected and warming now: a pick looks at an instance's health only when either
-/// is non-zero. Side by side, so a pick's check reads one cache line.
+/// Instances ejected (high 32 bits) and warming (low 32 bits) now, in one word: a pick looks at
+/// an instance's health only when it is non-zero, and finds out with one load.
 #[derive(Default)]
-pub(crate) struct Counts {
-    ejected: AtomicUsize,
-    warming: AtomicUsize,
+pub(crate) struct Counts(AtomicU64);
+
+/// One ejected instance in [`Counts`].
+const EJECTED: u64 = 1 << 32;
+/// One warming instance in [`Counts`].
+const WARMING: u64 = 1;
+
+impl Counts {
+    fn ejected(&self) -> usize {
+        (self.0.load(Ordering::Relaxed) >> 32) as usize
+    }
+
+    fn warming(&self) -> usize {
+        (self.0.load(Ordering::Relaxed) & 0xffff_ffff) as usize
+    }
+
+    /// Whether no instance is ejected or warming.
+    #[inline(always)]
+    fn quiet(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0
+    }
+
+    fn add(&self, one: u64) {
+        self.0.fetch_add(one, Ordering::Relaxed);
+    }
+
+    fn sub(&self, one: u64) {
+        self.0.fetch_sub(one, Ordering::Relaxed);
+    }
 }
 
 /// Slow start's ramp (see the [module docs](crate::outliers)).
@@ -165,11 +191,11 @@ impl Host {
     fn leave(&self) {
         self.left.store(true, Ordering::Relaxed);
         if self.until.swap(0, Ordering::Relaxed) != 0 {
-            self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+            self.counts.sub(EJECTED);
             self.ejected_gauge.add(-1.0);
         }
         if self.since.swap(0, Ordering::Relaxed) != 0 {
-            self.counts.warming.fetch_sub(1, Ordering::Relaxed);
+            self.counts.sub(WARMING);
         }
     }
 }
@@ -365,7 +391,7 @@ impl Outliers {
     /// assert_eq!(sd_lb::Outliers::new().warming(), 0);
     /// ```
     pub fn warming(&self) -> usize {
-        self.counts.warming.load(Ordering::Relaxed)
+        self.counts.warming()
     }
 
     fn tell(&self, host: &Host, change: HealthChange) {
@@ -433,7 +459,7 @@ impl Outliers {
     /// assert_eq!(sd_lb::Outliers::new().ejected(), 0);
     /// ```
     pub fn ejected(&self) -> usize {
-        self.counts.ejected.load(Ordering::Relaxed)
+        self.counts.ejected()
     }
 
     fn now_ms(&self) -> u64 {
@@ -472,7 +498,7 @@ impl Outliers {
                         Some(host) => host.clone(),
                         None => {
                             if warm_up {
-                                self.counts.warming.fetch_add(1, Ordering::Relaxed);
+                                self.counts.add(WARMING);
                             }
                             Arc::new(Host {
                                 fails: AtomicU32::new(0),
@@ -512,8 +538,7 @@ impl Outliers {
     /// Whether any instance is ejected or warming: only then does a pick look at one.
     #[inline(always)]
     fn quiet(&self) -> bool {
-        self.counts.ejected.load(Ordering::Relaxed) == 0
-            && self.counts.warming.load(Ordering::Relaxed) == 0
+        self.counts.quiet()
     }
 
     /// Whether `host` may be picked now. Warming: with its slow-start probability. Ejected: no,
@@ -550,7 +575,7 @@ impl Outliers {
                 .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
-                self.counts.warming.fetch_sub(1, Ordering::Relaxed);
+                self.counts.sub(WARMING);
             }
             return true;
         }
@@ -617,7 +642,7 @@ impl Outliers {
         if ok {
             host.fails.store(0, Ordering::Relaxed);
             if host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.counts.sub(EJECTED);
                 self.metrics.restored();
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
@@ -703,7 +728,7 @@ impl Outliers {
         if host.checked_out.swap(false, Ordering::Relaxed) {
             host.fails.store(0, Ordering::Relaxed);
             if host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+                self.counts.sub(EJECTED);
                 self.metrics.restored();
             }
             tracing::info!(instance = %host.instance, "restored: active health checks passed");
@@ -722,20 +747,21 @@ impl Outliers {
     /// Counts one more instance out, unless that would put more than `max_ejection_percent` of
     /// the `n` instances out at once.
     fn take_cap(&self, n: usize) -> bool {
-        let allowed = |current: usize| {
-            current.saturating_add(1).saturating_mul(100) <= self.max_percent.saturating_mul(n)
+        let allowed = |current: u64| {
+            let ejected = (current >> 32) as usize;
+            ejected.saturating_add(1).saturating_mul(100) <= self.max_percent.saturating_mul(n)
         };
         self.counts
-            .ejected
+            .0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                allowed(c).then_some(c + 1)
+                allowed(c).then_some(c + EJECTED)
             })
             .is_ok()
     }
 
     /// Undoes a [`take_cap`](Self::take_cap) whose instance another thread took out first.
     fn give_back_cap(&self) {
-        self.counts.ejected.fetch_sub(1, Ordering::Relaxed);
+        self.counts.sub(EJECTED);
     }
 
     /// Ejects `host` for what `by` saw, unless that would put more than `max_ejection_percent`
@@ -799,11 +825,14 @@ impl std::fmt::Debug for Outliers {
 /// A balancer's outlier detection, if it has one, at each step of a pick: the health table of
 /// a new snapshot, admission of a picked slot, and the outcome of a call.
 #[derive(Default)]
-pub(crate) struct Health(Option<Arc<Outliers>>);
+pub(crate) struct Health(Option<Arc<Outliers>>, Option<Arc<Counts>>);
 
 impl Health {
     pub(crate) fn new(outliers: Arc<Outliers>) -> Self {
-        Health(Some(outliers))
+        // The counts beside the detection, so a pick's check loads their address from the
+        // balancer and their value from there, not the detection's address first.
+        let counts = outliers.counts.clone();
+        Health(Some(outliers), Some(counts))
     }
 
     /// Moves `hosts` to `snapshot`'s health table (left empty without detection).
@@ -813,24 +842,22 @@ impl Health {
         }
     }
 
-    /// The slot `draw` gives, drawn again (the balancer's own way: the next in turn, a new
-    /// random draw) while it lands on an ejected instance or a warming one that slow start turns
-    /// away. After `n` draws (at most 64) that all miss, the first slot in order whose instance
-    /// is not ejected, or the first draw when every instance is (panic mode).
+    /// `first` (the balancer's own draw), or, when it lands on an ejected instance or a warming
+    /// one that slow start turns away, drawn again with `draw` (the balancer's own way: the next
+    /// in turn, a new random draw). After `n` draws (at most 64) that all miss, the first slot
+    /// in order whose instance is not ejected, or `first` when every instance is (panic mode).
     #[inline(always)]
     pub(crate) fn pick(
         &self,
         hosts: &[Arc<Host>],
         n: usize,
-        mut draw: impl FnMut() -> usize,
+        first: usize,
+        draw: impl FnMut() -> usize,
     ) -> usize {
-        let slot = draw();
-        match &self.0 {
-            Some(outliers) if !outliers.quiet() => match hosts.get(slot) {
-                Some(h) if !outliers.admits(h) => redraw(outliers, hosts, n, slot, draw),
-                _ => slot,
-            },
-            _ => slot,
+        match &self.1 {
+            // Out of line: the healthy fleet's pick inlines nothing of the rest.
+            Some(counts) if !counts.quiet() => unquiet(self, hosts, n, first, draw),
+            _ => first,
         }
     }
 
@@ -867,6 +894,26 @@ impl Health {
                 outliers.record(host, ok, n);
             }
         }
+    }
+}
+
+/// [`Health::pick`] while an instance is ejected or warming: `slot` if its instance is
+/// admitted, else drawn again.
+#[cold]
+#[inline(never)]
+fn unquiet(
+    health: &Health,
+    hosts: &[Arc<Host>],
+    n: usize,
+    slot: usize,
+    draw: impl FnMut() -> usize,
+) -> usize {
+    let Some(outliers) = &health.0 else {
+        return slot;
+    };
+    match hosts.get(slot) {
+        Some(h) if !outliers.admits(h) => redraw(outliers, hosts, n, slot, draw),
+        _ => slot,
     }
 }
 

@@ -497,8 +497,9 @@ impl<E: Send + Sync, P: Endpointer<E>> P2c<E, P> {
             hosts,
             ..
         } = local;
+        let first = self.choose(rng, loads, zone, n);
         self.health
-            .pick(hosts, n, || self.choose(rng, loads, zone, n))
+            .pick(hosts, n, first, || self.choose(rng, loads, zone, n))
     }
 
     /// The slot to pick among `n` (at least 1): the lighter of two random ones per unit of

@@ -123,7 +123,8 @@ impl<E: Send + Sync, P: Endpointer<E>> Random<E, P> {
             return None;
         }
         let RandomState { rng, hosts } = state;
-        Some(self.health.pick(hosts, n, || rng.usize(..n)))
+        let first = rng.usize(..n);
+        Some(self.health.pick(hosts, n, first, || rng.usize(..n)))
     }
 
     /// The endpointer this balancer picks from.

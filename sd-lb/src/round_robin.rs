@@ -104,13 +104,11 @@ impl<E: Send + Sync, P: Endpointer<E>> RoundRobin<E, P> {
     /// The next slot in turn, past ejected instances and those slow start turns away.
     #[inline(always)]
     fn next_slot(&self, state: &mut RrState, n: usize) -> Option<usize> {
-        if n == 0 {
-            return None;
-        }
         let RrState { next, hosts } = state;
+        let first = crate::pick::step(next, n)?;
         Some(
             self.health
-                .pick(hosts, n, || crate::pick::step(next, n).unwrap_or(0)),
+                .pick(hosts, n, first, || crate::pick::step(next, n).unwrap_or(0)),
         )
     }
 
