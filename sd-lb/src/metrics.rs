@@ -53,23 +53,22 @@ pub(crate) const RESTORATIONS: &str = "sd_restorations_total";
 pub(crate) const EJECTED: &str = "sd_ejected";
 
 /// The snapshot's "no endpoints" error, counted: for every pick that has nothing to give.
+///
+/// Built inline, with only the counting out of line: a pick whose result came from a call on
+/// this path would have it built in a temporary and copied, on the hit path too.
+#[inline(always)]
+pub(crate) fn no_endpoint<E>(snapshot: &sd_core::Snapshot<E>) -> sd_core::Error {
+    count_no_endpoint();
+    snapshot.no_endpoints()
+}
+
 #[cold]
 #[inline(never)]
-pub(crate) fn no_endpoint<E>(snapshot: &sd_core::Snapshot<E>) -> sd_core::Error {
+fn count_no_endpoint() {
     #[cfg(feature = "metrics")]
     ::metrics::counter!(PICKS_NO_ENDPOINT).increment(1);
     #[cfg(not(feature = "metrics"))]
     let _ = PICKS_NO_ENDPOINT;
-    snapshot.no_endpoints()
-}
-
-/// [`no_endpoint`] as a pick's whole result (see [`crate::pick::cloned_at`]).
-#[cold]
-#[inline(never)]
-pub(crate) fn no_endpoint_result<T, E>(
-    snapshot: &sd_core::Snapshot<E>,
-) -> Result<T, sd_core::Error> {
-    Err(no_endpoint(snapshot))
 }
 
 /// A [`Retry`](crate::Retry)'s handles, registered once when it is made (empty without the

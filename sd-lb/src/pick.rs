@@ -42,9 +42,7 @@ pub(crate) fn cloned_at<E: Clone>(
 ) -> Result<E, Error> {
     match slot.and_then(|i| endpoints.get(i)) {
         Some(endpoint) => Ok(endpoint.clone()),
-        // A call that returns the whole result writes it in place: one that returned only the
-        // error would have the result built in a temporary and copied, on every pick.
-        None => crate::metrics::no_endpoint_result(snapshot),
+        None => Err(crate::metrics::no_endpoint(snapshot)),
     }
 }
 
