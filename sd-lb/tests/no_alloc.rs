@@ -68,6 +68,19 @@ fn picks_allocate_nothing<B: Balancer>(balancer: &B) {
     );
 }
 
+/// 1 000 calls through `retry` (over endpoints 0 to 9) whose first attempt succeeds, after one
+/// to warm up: none allocates, and every call returns its endpoint (they add up to 4 500).
+fn successful_retries_allocate_nothing<B: Balancer<Endpoint = u64>>(retry: &Retry<B>) {
+    let call = || {
+        retry
+            .call(|e| async move { Ok::<_, String>(e) })
+            .now_or_never()
+    };
+    call();
+    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
+    assert_eq!((n, r), (0, 4500));
+}
+
 #[test]
 fn the_counter_sees_allocations() {
     let (n, v) = allocations(|| vec![1u8; 16]);
@@ -101,23 +114,15 @@ fn picks_from_a_live_endpointer_allocate_nothing() {
 #[test]
 fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     let rr = RoundRobin::new(FixedEndpointer::new((0..10u64).collect()));
-    let retry = Retry::new(rr, 3, Duration::from_secs(1)).unwrap();
+    successful_retries_allocate_nothing(&Retry::new(rr, 3, Duration::from_secs(1)).unwrap());
     let p2c = P2c::new(FixedEndpointer::new((0..10u64).collect()));
     let retry_p2c = Retry::new(p2c, 3, Duration::from_secs(1)).unwrap();
-    let call = || {
-        retry
-            .call(|e| async move { Ok::<_, String>(e) })
-            .now_or_never()
-    };
     let call_p2c = || {
         retry_p2c
             .call(|e| async move { Ok::<_, String>(*e) })
             .now_or_never()
     };
-    call();
     call_p2c();
-    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
-    assert_eq!((n, r), (0, 4500));
     let (n, r) = allocations(|| (0..1000).map(|_| call_p2c().unwrap().unwrap()).sum::<u64>());
     assert_eq!(n, 0, "sum {r}");
     // With a retry budget: the success path reads it, and allocates nothing either.
@@ -126,14 +131,7 @@ fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     let budgeted = Retry::new(rr, 3, Duration::from_secs(1))
         .unwrap()
         .with_budget(budget);
-    let call = || {
-        budgeted
-            .call(|e| async move { Ok::<_, String>(e) })
-            .now_or_never()
-    };
-    call();
-    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
-    assert_eq!((n, r), (0, 4500));
+    successful_retries_allocate_nothing(&budgeted);
     // With outlier detection: the pick checks health and the call reports its success, and
     // neither allocates.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -143,15 +141,7 @@ fn a_retry_whose_first_attempt_succeeds_allocates_nothing() {
     let _guard = rt.enter();
     let outliers = std::sync::Arc::new(sd_lb::Outliers::new());
     let rr = RoundRobin::new(FixedEndpointer::new((0..10u64).collect())).with_outliers(outliers);
-    let checked = Retry::new(rr, 3, Duration::from_secs(1)).unwrap();
-    let call = || {
-        checked
-            .call(|e| async move { Ok::<_, String>(e) })
-            .now_or_never()
-    };
-    call();
-    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
-    assert_eq!((n, r), (0, 4500));
+    successful_retries_allocate_nothing(&Retry::new(rr, 3, Duration::from_secs(1)).unwrap());
 }
 
 #[test]
@@ -208,14 +198,7 @@ fn a_retry_over_a_draining_endpointer_allocates_nothing() {
     let options = sd_core::EndpointerOptions::new().drain(Duration::from_secs(5));
     let endpointer = rt.block_on(instances.numbers_with(options));
     let retry = Retry::new(RoundRobin::new(endpointer), 3, Duration::from_secs(1)).unwrap();
-    let call = || {
-        retry
-            .call(|e| async move { Ok::<_, String>(e) })
-            .now_or_never()
-    };
-    call();
-    let (n, r) = allocations(|| (0..1000).map(|_| call().unwrap().unwrap()).sum::<u64>());
-    assert_eq!((n, r), (0, 4500));
+    successful_retries_allocate_nothing(&retry);
 }
 
 #[test]
