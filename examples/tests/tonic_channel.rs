@@ -228,6 +228,15 @@ fn start_server(etcd: &str, extra: &[&str]) -> (Program, String) {
     (server, addr)
 }
 
+/// Starts `greeter call` making `count` calls, one every 10 ms.
+fn greeter_call(etcd: &str, count: u32) -> Program {
+    let count = count.to_string();
+    Program::start(
+        GREETER,
+        &["call", "--etcd", etcd, "--count", &count, "--every", "10ms"],
+    )
+}
+
 async fn greeter_keys(etcd: &EtcdServer) -> Vec<String> {
     let mut raw = etcd.raw_client().await;
     let resp = raw
@@ -246,18 +255,7 @@ async fn greeter_serve_registers_once_listening_and_deregisters_on_sigterm_and_s
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         let (mut server, addr) = start_server(&etcd.endpoint(), &[]);
         assert_eq!(greeter_keys(&etcd).await, [format!("{PREFIX}{addr}")]);
-        let mut call = Program::start(
-            GREETER,
-            &[
-                "call",
-                "--etcd",
-                &etcd.endpoint(),
-                "--count",
-                "2",
-                "--every",
-                "10ms",
-            ],
-        );
+        let mut call = greeter_call(&etcd.endpoint(), 2);
         call.expect_line(&format!("ok {addr}"));
         call.expect_line("calls 2 ok 2 failed 0");
         assert!(call.wait(), "call exits 0 when every call succeeded");
@@ -274,18 +272,7 @@ async fn greeter_serve_registers_once_listening_and_deregisters_on_sigterm_and_s
     }
 
     // Nothing registered: every call fails, and the exit status says so.
-    let mut call = Program::start(
-        GREETER,
-        &[
-            "call",
-            "--etcd",
-            &etcd.endpoint(),
-            "--count",
-            "1",
-            "--every",
-            "10ms",
-        ],
-    );
+    let mut call = greeter_call(&etcd.endpoint(), 1);
     call.expect_line("error ");
     call.expect_line("calls 1 ok 0 failed 1");
     assert!(!call.wait());
@@ -367,12 +354,7 @@ async fn greeter_calls_keep_succeeding_when_a_server_crashes() {
         .cloned()
         .collect();
 
-    let mut call = Program::start(
-        GREETER,
-        &[
-            "call", "--etcd", &endpoint, "--count", "300", "--every", "10ms",
-        ],
-    );
+    let mut call = greeter_call(&endpoint, 300);
     let mut out = CallOutput::default();
     let mut index = 0;
     // Kill one server a third of the way in, without deregistering (SIGKILL).
