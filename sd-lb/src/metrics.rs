@@ -203,10 +203,11 @@ impl OutlierMetrics {
         }
     }
 
+    /// An instance restored (it has already taken itself off the gauge, see
+    /// [`EjectedGauge`]).
     pub(crate) fn restored(&self) {
         #[cfg(feature = "metrics")]
         self.restorations.increment(1);
-        self.ejected.add(-1.0);
     }
 }
 

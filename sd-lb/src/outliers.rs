@@ -190,13 +190,21 @@ impl Host {
     /// warming while warming, and outcomes still reported for it are ignored.
     fn leave(&self) {
         self.left.store(true, Ordering::Relaxed);
-        if self.until.swap(0, Ordering::Relaxed) != 0 {
-            self.counts.sub(EJECTED);
-            self.ejected_gauge.add(-1.0);
-        }
+        self.end_ejection();
         if self.since.swap(0, Ordering::Relaxed) != 0 {
             self.counts.sub(WARMING);
         }
+    }
+
+    /// Back in service if it was out (ejected, or out by active checks): off the count and the
+    /// gauge. Whoever ends the ejection first does it; returns whether that was this call.
+    fn end_ejection(&self) -> bool {
+        let ended = self.until.swap(0, Ordering::Relaxed) != 0;
+        if ended {
+            self.counts.sub(EJECTED);
+            self.ejected_gauge.add(-1.0);
+        }
+        ended
     }
 }
 
@@ -641,8 +649,7 @@ impl Outliers {
     fn probed(&self, host: &Host, ok: bool, until: u64) {
         if ok {
             host.fails.store(0, Ordering::Relaxed);
-            if host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.counts.sub(EJECTED);
+            if host.end_ejection() {
                 self.metrics.restored();
                 tracing::info!(instance = %host.instance, "restored: the probe succeeded");
                 self.tell(host, HealthChange::Restored);
@@ -727,8 +734,7 @@ impl Outliers {
     pub(crate) fn check_in(&self, host: &Host) {
         if host.checked_out.swap(false, Ordering::Relaxed) {
             host.fails.store(0, Ordering::Relaxed);
-            if host.until.swap(0, Ordering::Relaxed) != 0 {
-                self.counts.sub(EJECTED);
+            if host.end_ejection() {
                 self.metrics.restored();
             }
             tracing::info!(instance = %host.instance, "restored: active health checks passed");
